@@ -1,0 +1,20 @@
+"""Keeps benchmarks/results.md as one section per benchmark, each rewritten by its own script."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+HEADER = "# cachefs benchmark results\n\nEach section is rewritten by the script named in its title.\n"
+
+
+def replace_section(path: Path, title: str, body: str) -> None:
+    """Replaces (or appends) the `## title` section of a Markdown file."""
+    text = path.read_text() if path.exists() else HEADER
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text.rstrip("\n") + "\n")

@@ -1,0 +1,221 @@
+"""The `cachefs` command line.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage error (click's own, or InvalidArgument). Every
+failure is one line on stderr: `cachefs: error: ...`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+from datetime import datetime
+
+import click
+import trio
+
+from cachefs.config import format_address, master_address, parse_address, read_secret
+from cachefs.errors import CacheFsError, InvalidArgument
+from cachefs.rpc import RpcClient
+
+#: A sync of millions of remote entries takes minutes; the CLI waits for it.
+LONG_CALL_TIMEOUT = 6 * 3600.0
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"cachefs: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _errors_to_exit(func):
+    """CacheFsError -> one line and exit 1 (2 for bad input); Ctrl-C -> exit 130 quietly."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except InvalidArgument as exc:
+            _fail(exc.message, 2)
+        except CacheFsError as exc:
+            _fail(exc.message, 1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"option {pair!r} is not KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _call_master(master: str | None, secret_file: str | None, method: str, **args):
+    address = master_address(master)
+    secret = read_secret(secret_file)
+
+    async def run():
+        async with RpcClient(address, secret=secret, timeout=LONG_CALL_TIMEOUT) as client:
+            return await client.call(method, **args)
+
+    return trio.run(run)
+
+
+master_option = click.option(
+    "--master", metavar="HOST:PORT", help="master address (default $CACHEFS_MASTER or 127.0.0.1:19470)"
+)
+secret_option = click.option(
+    "--secret-file", type=click.Path(dir_okay=False), help="shared secret for authentication"
+)
+
+
+async def _serve_until_signal(service, kind: str) -> None:
+    """Runs a server task until SIGINT or SIGTERM, announcing its address once it listens."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(service)
+            # Tests and scripts wait for this line (it carries the port when --listen used :0).
+            print(f"cachefs {kind} listening on {format_address(bound)}", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING...")
+@click.version_option(package_name="cachefs")
+def main(log_level: str) -> None:
+    """cachefs: a distributed read cache for deep-learning training data."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:19470", show_default=True, metavar="HOST:PORT")
+@click.option("--state", required=True, type=click.Path(file_okay=False), help="state directory")
+@secret_option
+@click.option("--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped")
+@_errors_to_exit
+def master(listen: str, state: str, secret_file: str | None, liveness: float) -> None:
+    """Run the metadata master (foreground)."""
+    from cachefs.master.service import run_master
+
+    secret = read_secret(secret_file)
+    address = parse_address(listen)
+
+    service = functools.partial(run_master, address, state, secret=secret, liveness=liveness)
+    trio.run(_serve_until_signal, service, "master")
+
+
+@main.group()
+def dataset() -> None:
+    """Add, list, sync and remove datasets."""
+
+
+@dataset.command("add")
+@click.argument("name")
+@click.argument("uri")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="store option")
+@click.option("--no-sync", is_flag=True, help="register only; do not list the remote tree now")
+@master_option
+@secret_option
+@_errors_to_exit
+def dataset_add(name, uri, options, no_sync, master, secret_file) -> None:
+    """Register NAME for URI (file://, s3://, hdfs://, webhdfs://) and sync its metadata."""
+    opts = _parse_options(options)
+    _call_master(master, secret_file, "dataset_add", name=name, uri=uri, options=opts)
+    if no_sync:
+        click.echo(f"dataset {name} added")
+        return
+    report = _call_master(master, secret_file, "dataset_sync", name=name)
+    click.echo(f"dataset {name} added: {_sync_line(report)}")
+
+
+def _sync_line(report: dict) -> str:
+    return (
+        f"{report['files']} files, {_human_bytes(report['bytes'])}; "
+        f"added {report['added']}, changed {report['changed']}, removed {report['removed']} "
+        f"in {report['seconds']:.2f}s"
+    )
+
+
+@dataset.command("sync")
+@click.argument("name")
+@master_option
+@secret_option
+@_errors_to_exit
+def dataset_sync(name, master, secret_file) -> None:
+    """Re-list the remote tree: new files appear, changed ones get a new version."""
+    report = _call_master(master, secret_file, "dataset_sync", name=name)
+    click.echo(f"dataset {name} synced: {_sync_line(report)}")
+
+
+@dataset.command("ls")
+@master_option
+@secret_option
+@_errors_to_exit
+def dataset_ls(master, secret_file) -> None:
+    """List datasets."""
+    for info in _call_master(master, secret_file, "dataset_list"):
+        click.echo(
+            f"{info['name']}\t{info['uri']}\t{info['files']} files\t{_human_bytes(info['bytes'])}"
+        )
+
+
+@dataset.command("rm")
+@click.argument("name")
+@master_option
+@secret_option
+@_errors_to_exit
+def dataset_rm(name, master, secret_file) -> None:
+    """Remove a dataset's metadata (the remote store is never touched)."""
+    _call_master(master, secret_file, "dataset_remove", name=name)
+    click.echo(f"dataset {name} removed")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@master_option
+@secret_option
+@_errors_to_exit
+def status(name, as_json, master, secret_file) -> None:
+    """Datasets (files, bytes, last sync) and live workers."""
+    report = _call_master(master, secret_file, "status")
+    if name is not None:
+        report["datasets"] = [d for d in report["datasets"] if d["name"] == name]
+        if not report["datasets"]:
+            raise CacheFsError(f"unknown dataset {name!r}")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    click.echo(f"datasets ({len(report['datasets'])}):")
+    for info in report["datasets"]:
+        synced = info.get("last_sync") or {}
+        when = datetime.fromtimestamp(synced["at"]).isoformat(timespec="seconds") if synced else "never"
+        click.echo(
+            f"  {info['name']:<20} {info['files']:>10} files {_human_bytes(info['bytes']):>12}"
+            f"  synced {when}  {info['uri']}"
+        )
+    click.echo(f"workers ({len(report['workers'])}, epoch {report['epoch']}):")
+    for worker in report["workers"]:
+        click.echo(f"  {worker['id']:<20} {worker['address']:<22} host {worker['host']}")
+
+
+if __name__ == "__main__":
+    main()

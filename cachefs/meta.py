@@ -1,0 +1,40 @@
+"""File attributes as the master stores them and sends them to clients.
+
+On the wire an `Attr` is a plain list (compact msgpack, no repeated key strings), because
+lookups are the hottest metadata call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import xxhash
+
+KIND_FILE = 0
+KIND_DIR = 1
+
+
+class Attr(NamedTuple):
+    ino: int
+    kind: int  # KIND_FILE or KIND_DIR
+    size: int
+    mtime_ns: int
+    version: int  # bumped by a sync whenever size, mtime or etag changed
+    etag: str | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == KIND_DIR
+
+    def to_wire(self) -> list:
+        return list(self)
+
+    @classmethod
+    def from_wire(cls, value: list) -> Attr:
+        return cls(*value)
+
+
+def cache_key(dataset: str, path: str, size: int, mtime_ns: int, etag: str | None = None) -> bytes:
+    """The 16-byte cache key of one version of a file: a new version never reads old bytes."""
+    text = "\0".join((dataset, path, str(size), str(mtime_ns), etag or ""))
+    return xxhash.xxh3_128_digest(text.encode())

@@ -1,0 +1,417 @@
+"""The master's persistent state in lmdb: datasets and each dataset's namespace snapshot.
+
+Everything lives in lmdb rather than Python dicts, so a dataset of millions of files costs the
+master page cache, not heap, and a restarted master finds the same inode ids.
+
+Sub-databases and their keys (integers big-endian, so lmdb's byte order is numeric order):
+
+    datasets  name (utf-8)                        -> msgpack dict (id, uri, options, root ino, counters)
+    entries   ds_id u32 | parent ino u64 | name   -> msgpack [ino, kind, size, mtime_ns, version, etag, gen]
+    inodes    ino u64                             -> ds_id u32 | parent ino u64 | name
+    meta      b"next_ino", b"next_ds", b"epoch"   -> u64
+
+`entries` keyed by parent makes lookup a single get and readdir a prefix scan in name order, so
+a listing can be paged by "names after X". The dataset root is the entry (ds_id, 0, "").
+
+Every method here is synchronous and short, except `Sync.apply` and `remove_dataset`, which the
+service runs in a worker thread. lmdb allows one writer and many concurrent readers.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import msgpack
+
+from cachefs.errors import AlreadyExists, InvalidArgument, NotADirectory, NotFound
+from cachefs.meta import KIND_DIR, KIND_FILE, Attr
+from cachefs.ufs import RemoteEntry
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_ROOT_PARENT = 0
+_FIRST_INO = 2  # 1 is the FUSE root; keeping it unused avoids confusing the two
+_WRITE_BATCH = 20_000
+
+
+def _entry_key(ds_id: int, parent: int, name: str) -> bytes:
+    return _U32.pack(ds_id) + _U64.pack(parent) + name.encode()
+
+
+def _pack(value) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _unpack(raw) -> object:
+    return msgpack.unpackb(raw, raw=False)
+
+
+def _attr(record: list) -> Attr:
+    return Attr(*record[:6])
+
+
+@dataclass
+class SyncReport:
+    """What one sync changed, counted in files (directories are reported separately)."""
+
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    dirs_added: int = 0
+    dirs_removed: int = 0
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class MetadataStore:
+    def __init__(self, path: str | Path, *, map_size: int = 1 << 36):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # map_size is address space, not memory: lmdb grows the file as data arrives.
+        self.env = lmdb.open(
+            str(path / "meta.lmdb"), map_size=map_size, max_dbs=8, readahead=False, metasync=False
+        )
+        self._datasets = self.env.open_db(b"datasets")
+        self._entries = self.env.open_db(b"entries")
+        self._inodes = self.env.open_db(b"inodes")
+        self._meta = self.env.open_db(b"meta")
+        self._by_name: dict[str, dict] = {}
+        with self.env.begin() as txn:
+            for name, raw in txn.cursor(self._datasets):
+                self._by_name[name.decode()] = _unpack(raw)
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ---- counters -------------------------------------------------------------------------
+
+    def _next(self, txn, key: bytes, start: int) -> int:
+        raw = txn.get(key, db=self._meta)
+        value = _U64.unpack(raw)[0] if raw else start
+        txn.put(key, _U64.pack(value + 1), db=self._meta)
+        return value
+
+    def bump_epoch(self) -> int:
+        """A membership epoch that keeps growing across master restarts."""
+        with self.env.begin(write=True) as txn:
+            return self._next(txn, b"epoch", 1) + 1
+
+    # ---- datasets -------------------------------------------------------------------------
+
+    def dataset(self, name: str) -> dict:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise NotFound(f"unknown dataset {name!r}") from None
+
+    def datasets(self) -> list[dict]:
+        return [self._by_name[name] for name in sorted(self._by_name)]
+
+    def check_new_name(self, name: str) -> None:
+        if name in self._by_name:
+            raise AlreadyExists(f"dataset {name!r} already exists ({self._by_name[name]['uri']})")
+        if not name or "/" in name or name.startswith(".") or len(name) > 200:
+            raise InvalidArgument(f"invalid dataset name {name!r}")
+
+    def add_dataset(self, name: str, uri: str, options: dict[str, str]) -> dict:
+        self.check_new_name(name)
+        with self.env.begin(write=True) as txn:
+            ds_id = self._next(txn, b"next_ds", 1)
+            root = self._next(txn, b"next_ino", _FIRST_INO)
+            now = time.time_ns()
+            txn.put(
+                _entry_key(ds_id, _ROOT_PARENT, ""),
+                _pack([root, KIND_DIR, 0, now, 1, None, 0]),
+                db=self._entries,
+            )
+            txn.put(_U64.pack(root), _entry_key(ds_id, _ROOT_PARENT, ""), db=self._inodes)
+            info = {
+                "name": name,
+                "id": ds_id,
+                "uri": uri,
+                "options": dict(options),
+                "root": root,
+                "created": now,
+                "generation": 0,
+                "last_sync": None,
+                "files": 0,
+                "dirs": 0,
+                "bytes": 0,
+            }
+            txn.put(name.encode(), _pack(info), db=self._datasets)
+        self._by_name[name] = info
+        return info
+
+    def _save_dataset(self, info: dict) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(info["name"].encode(), _pack(info), db=self._datasets)
+        self._by_name[info["name"]] = info
+
+    def remove_dataset(self, name: str) -> None:
+        """Drops the dataset and its whole namespace, in bounded write transactions."""
+        info = self.dataset(name)
+        with self.env.begin(write=True) as txn:
+            txn.delete(name.encode(), db=self._datasets)
+        del self._by_name[name]
+        prefix = _U32.pack(info["id"])
+        while True:
+            with self.env.begin(write=True) as txn:
+                cursor = txn.cursor(self._entries)
+                deleted = 0
+                if cursor.set_range(prefix):
+                    while cursor.key().startswith(prefix) and deleted < _WRITE_BATCH:
+                        ino = _unpack(cursor.value())[0]
+                        txn.delete(_U64.pack(ino), db=self._inodes)
+                        cursor.delete()  # moves to the next record
+                        deleted += 1
+            if deleted < _WRITE_BATCH:
+                return
+
+    # ---- namespace reads ------------------------------------------------------------------
+
+    def root(self, dataset: str) -> Attr:
+        return self.getattr(dataset, self.dataset(dataset)["root"])
+
+    def lookup(self, dataset: str, parent: int, name: str) -> Attr:
+        ds_id = self.dataset(dataset)["id"]
+        with self.env.begin() as txn:
+            return self._lookup(txn, ds_id, parent, name)
+
+    def lookup_many(self, dataset: str, items: Iterable[tuple[int, str]]) -> list[Attr | None]:
+        ds_id = self.dataset(dataset)["id"]
+        out: list[Attr | None] = []
+        with self.env.begin() as txn:
+            for parent, name in items:
+                raw = txn.get(_entry_key(ds_id, parent, name), db=self._entries)
+                out.append(_attr(_unpack(raw)) if raw else None)
+        return out
+
+    def _lookup(self, txn, ds_id: int, parent: int, name: str) -> Attr:
+        raw = txn.get(_entry_key(ds_id, parent, name), db=self._entries)
+        if raw is None:
+            parent_key = txn.get(_U64.pack(parent), db=self._inodes)
+            if parent_key is None or _U32.unpack(parent_key[:4])[0] != ds_id:
+                raise NotFound(f"no directory with inode {parent}")
+            if _unpack(txn.get(parent_key, db=self._entries))[1] != KIND_DIR:
+                raise NotADirectory(f"inode {parent} is not a directory")
+            raise NotFound(f"{name!r} not found")
+        return _attr(_unpack(raw))
+
+    def lookup_path(self, dataset: str, path: str) -> Attr:
+        info = self.dataset(dataset)
+        with self.env.begin() as txn:
+            attr = self._attr_of(txn, info["root"])
+            for name in (part for part in path.split("/") if part):
+                if not attr.is_dir:
+                    raise NotADirectory(f"{path!r}: a component is not a directory")
+                attr = self._lookup(txn, info["id"], attr.ino, name)
+            return attr
+
+    def _attr_of(self, txn, ino: int) -> Attr:
+        key = txn.get(_U64.pack(ino), db=self._inodes)
+        if key is None:
+            raise NotFound(f"no inode {ino}")
+        return _attr(_unpack(txn.get(key, db=self._entries)))
+
+    def getattr(self, dataset: str, ino: int) -> Attr:
+        ds_id = self.dataset(dataset)["id"]
+        with self.env.begin() as txn:
+            key = txn.get(_U64.pack(ino), db=self._inodes)
+            if key is None or _U32.unpack(key[:4])[0] != ds_id:
+                raise NotFound(f"no inode {ino} in dataset {dataset!r}")
+            return _attr(_unpack(txn.get(key, db=self._entries)))
+
+    def path_of(self, dataset: str, ino: int) -> str:
+        """The path of an inode relative to the dataset root (walks up the parents)."""
+        ds_id = self.dataset(dataset)["id"]
+        names = []
+        with self.env.begin() as txn:
+            while True:
+                key = txn.get(_U64.pack(ino), db=self._inodes)
+                if key is None or _U32.unpack(key[:4])[0] != ds_id:
+                    raise NotFound(f"no inode {ino} in dataset {dataset!r}")
+                ino = _U64.unpack(key[4:12])[0]
+                if ino == _ROOT_PARENT:
+                    return "/".join(reversed(names))
+                names.append(key[12:].decode())
+
+    def readdir(
+        self, dataset: str, ino: int, after: str | None = None, limit: int = 1000
+    ) -> tuple[list[tuple[str, Attr]], bool]:
+        """Up to `limit` (name, attr) pairs in name order after `after`; and whether more remain."""
+        ds_id = self.dataset(dataset)["id"]
+        with self.env.begin() as txn:
+            attr = self._attr_of(txn, ino)
+            if not attr.is_dir:
+                raise NotADirectory(f"inode {ino} is not a directory")
+            prefix = _U32.pack(ds_id) + _U64.pack(ino)
+            start = prefix + after.encode() + b"\0" if after is not None else prefix
+            out: list[tuple[str, Attr]] = []
+            cursor = txn.cursor(self._entries)
+            if not cursor.set_range(start):
+                return out, False
+            for key, raw in cursor:
+                if not key.startswith(prefix):
+                    return out, False
+                if len(out) == limit:
+                    return out, True
+                out.append((key[len(prefix) :].decode(), _attr(_unpack(raw))))
+            return out, False
+
+    def iter_files(self, dataset: str) -> Iterator[tuple[str, Attr]]:
+        """Every file of a dataset with its path (depth-first; for preload and stats)."""
+        stack = [("", self.dataset(dataset)["root"])]
+        while stack:
+            base, ino = stack.pop()
+            after = None
+            while True:
+                page, more = self.readdir(dataset, ino, after, 1000)
+                for name, attr in page:
+                    path = f"{base}/{name}" if base else name
+                    if attr.is_dir:
+                        stack.append((path, attr.ino))
+                    else:
+                        yield path, attr
+                if not more:
+                    break
+                after = page[-1][0]
+
+    # ---- sync -----------------------------------------------------------------------------
+
+    def begin_sync(self, dataset: str) -> Sync:
+        return Sync(self, self.dataset(dataset))
+
+
+@dataclass
+class Sync:
+    """One incremental sync of a dataset: feed it the remote listing in batches, then finish.
+
+    Mark and sweep: every entry seen is written with this sync's generation; `finish` deletes
+    what still carries an older one. An entry keeps its inode while its path and kind stay; a
+    changed size, mtime or etag bumps its version.
+    """
+
+    store: MetadataStore
+    info: dict
+    report: SyncReport = field(default_factory=SyncReport)
+    _dirs: dict[str, int] = field(default_factory=dict)  # path -> ino, for this sync only
+    _started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self):
+        self.generation = self.info["generation"] + 1
+        self.ds_id = self.info["id"]
+        self._dirs[""] = self.info["root"]
+
+    def apply(self, entries: list[RemoteEntry]) -> None:
+        store = self.store
+        with store.env.begin(write=True) as txn:
+            for entry in entries:
+                parent_path, _, name = entry.path.rpartition("/")
+                parent = self._ensure_dir(txn, parent_path)
+                if entry.is_dir:
+                    self._dirs[entry.path] = self._upsert(txn, parent, name, KIND_DIR, 0, entry)
+                else:
+                    self._upsert(txn, parent, name, KIND_FILE, entry.size, entry)
+
+    def _ensure_dir(self, txn, path: str) -> int:
+        ino = self._dirs.get(path)
+        if ino is None:
+            parent_path, _, name = path.rpartition("/")
+            parent = self._ensure_dir(txn, parent_path)
+            ino = self._upsert(txn, parent, name, KIND_DIR, 0, None)
+            self._dirs[path] = ino
+        return ino
+
+    def _upsert(self, txn, parent: int, name: str, kind: int, size: int, entry) -> int:
+        store = self.store
+        key = _entry_key(self.ds_id, parent, name)
+        raw = txn.get(key, db=store._entries)
+        old = _unpack(raw) if raw else None
+        mtime = entry.mtime_ns if entry else (old[3] if old else 0)
+        etag = entry.etag if entry else None
+        is_file = kind == KIND_FILE
+        if old is not None and old[1] == kind:
+            ino, version = old[0], old[4]
+            if old[6] == self.generation:  # already seen in this sync (implicit dir, then listed)
+                if entry is None or (old[2], old[3], old[5]) == (size, mtime, etag):
+                    return ino
+            elif (old[2], old[3], old[5]) != (size, mtime, etag) and is_file:
+                version += 1
+                self.report.changed += 1
+        else:
+            if old is not None:  # kind changed: the old entry's subtree is swept by finish()
+                txn.delete(_U64.pack(old[0]), db=store._inodes)
+                self._count_removed(old)
+            ino, version = store._next(txn, b"next_ino", _FIRST_INO), 1
+            txn.put(_U64.pack(ino), key, db=store._inodes)
+            if is_file:
+                self.report.added += 1
+            else:
+                self.report.dirs_added += 1
+        if old is None or old[6] != self.generation:
+            if is_file:
+                self.report.files += 1
+                self.report.bytes += size
+            else:
+                self.report.dirs += 1
+        txn.put(key, _pack([ino, kind, size, mtime, version, etag, self.generation]), db=store._entries)
+        return ino
+
+    def _count_removed(self, record: list) -> None:
+        if record[1] == KIND_FILE:
+            self.report.removed += 1
+        else:
+            self.report.dirs_removed += 1
+
+    def finish(self) -> SyncReport:
+        """Sweeps entries this sync did not see and records the new generation and counters."""
+        store = self.store
+        prefix = _U32.pack(self.ds_id)
+        root_key = _entry_key(self.ds_id, _ROOT_PARENT, "")
+        position = prefix
+        while position is not None:
+            with store.env.begin(write=True) as txn:
+                cursor = txn.cursor(store._entries)
+                position = self._sweep_some(txn, cursor, position, prefix, root_key)
+        info = dict(self.info)
+        info.update(
+            generation=self.generation,
+            files=self.report.files,
+            dirs=self.report.dirs,
+            bytes=self.report.bytes,
+        )
+        self.report.seconds = round(time.monotonic() - self._started, 3)
+        info["last_sync"] = {"at": time.time(), **self.report.as_dict()}
+        store._save_dataset(info)
+        return self.report
+
+    def _sweep_some(self, txn, cursor, position: bytes, prefix: bytes, root_key: bytes):
+        """Deletes stale entries from `position` on; returns where to resume, None when done."""
+        if not cursor.set_range(position):
+            return None
+        visited = 0
+        while True:
+            key = cursor.key()
+            if not key.startswith(prefix):
+                return None
+            if visited == _WRITE_BATCH:
+                return key
+            visited += 1
+            record = _unpack(cursor.value())
+            if record[6] != self.generation and key != root_key:
+                txn.delete(_U64.pack(record[0]), db=self.store._inodes)
+                self._count_removed(record)
+                if not cursor.delete():
+                    return None
+            elif not cursor.next():
+                return None
