@@ -110,8 +110,9 @@ def run_size(entries: int, workdir: Path) -> dict:
         row = {"entries": len(names), "build_s": build_s}
         row["rss_idle"], row["uss_idle"] = memory(pid)
         started = time.perf_counter()
-        result = run_cli("dataset", "add", "bench", tree.as_uri(), "--master", master.address,
-                         timeout=3600)
+        result = run_cli(
+            "dataset", "add", "bench", tree.as_uri(), "--master", master.address, timeout=3600
+        )
         assert result.returncode == 0, result.stderr
         row["sync_s"] = time.perf_counter() - started
         row["rss_sync"], row["uss_sync"] = memory(pid)
@@ -121,11 +122,11 @@ def run_size(entries: int, workdir: Path) -> dict:
         row["resync_s"] = time.perf_counter() - started
 
         address = parse_address(master.address)
-        single = trio.run(lambda: lookup_rates(
-            address, names, calls=20_000, concurrency=64, batch=1))
+        single = trio.run(
+            lambda: lookup_rates(address, names, calls=20_000, concurrency=64, batch=1)
+        )
         row["lookup_single_per_s"] = single["lookups"] / single["seconds"]
-        many = trio.run(lambda: lookup_rates(
-            address, names, calls=1_000, concurrency=8, batch=100))
+        many = trio.run(lambda: lookup_rates(address, names, calls=1_000, concurrency=8, batch=100))
         row["lookup_batched_per_s"] = many["lookups"] / many["seconds"]
         row["rss_end"], row["uss_end"] = memory(pid)
         return row

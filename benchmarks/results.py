@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-HEADER = "# cachefs benchmark results\n\nEach section is rewritten by the script named in its title.\n"
+HEADER = (
+    "# cachefs benchmark results\n\nEach section is rewritten by the script named in its title.\n"
+)
 
 
 def replace_section(path: Path, title: str, body: str) -> None:

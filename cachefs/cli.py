@@ -76,7 +76,9 @@ def _call_master(master: str | None, secret_file: str | None, method: str, **arg
 
 
 master_option = click.option(
-    "--master", metavar="HOST:PORT", help="master address (default $CACHEFS_MASTER or 127.0.0.1:19470)"
+    "--master",
+    metavar="HOST:PORT",
+    help="master address (default $CACHEFS_MASTER or 127.0.0.1:19470)",
 )
 secret_option = click.option(
     "--secret-file", type=click.Path(dir_okay=False), help="shared secret for authentication"
@@ -109,7 +111,9 @@ def main(log_level: str) -> None:
 @click.option("--listen", default="127.0.0.1:19470", show_default=True, metavar="HOST:PORT")
 @click.option("--state", required=True, type=click.Path(file_okay=False), help="state directory")
 @secret_option
-@click.option("--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped")
+@click.option(
+    "--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped"
+)
 @_errors_to_exit
 def master(listen: str, state: str, secret_file: str | None, liveness: float) -> None:
     """Run the metadata master (foreground)."""
@@ -207,7 +211,11 @@ def status(name, as_json, master, secret_file) -> None:
     click.echo(f"datasets ({len(report['datasets'])}):")
     for info in report["datasets"]:
         synced = info.get("last_sync") or {}
-        when = datetime.fromtimestamp(synced["at"]).isoformat(timespec="seconds") if synced else "never"
+        when = (
+            datetime.fromtimestamp(synced["at"]).isoformat(timespec="seconds")
+            if synced
+            else "never"
+        )
         click.echo(
             f"  {info['name']:<20} {info['files']:>10} files {_human_bytes(info['bytes']):>12}"
             f"  synced {when}  {info['uri']}"

@@ -8,7 +8,11 @@ out in one ``send_all``.
 Server: `RpcServer(handler)` exposes the handler's ``async def rpc_<method>(self, **args)``
 methods; a handler returns a plain value, or `Reply(value, payload)` to attach bulk bytes.
 Client: `RpcClient(address)` used as ``async with``; `call` returns the result or raises the
-`CacheFsError` subclass the server raised.
+`CacheFsError` subclass the server raised. Up to `pool_size` connections are opened lazily and
+calls go to the least loaded one; a broken connection fails its calls with `Unavailable` and
+leaves the pool, so the next call reconnects (a restarted peer is reachable again). A call
+whose pooled connection turns out dead is retried once on a fresh one: cachefs RPCs are
+idempotent reads.
 """
 
 from __future__ import annotations

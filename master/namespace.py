@@ -5,10 +5,10 @@ master page cache, not heap, and a restarted master finds the same inode ids.
 
 Sub-databases and their keys (integers big-endian, so lmdb's byte order is numeric order):
 
-    datasets  name (utf-8)                        -> msgpack dict (id, uri, options, root ino, counters)
-    entries   ds_id u32 | parent ino u64 | name   -> msgpack [ino, kind, size, mtime_ns, version, etag, gen]
-    inodes    ino u64                             -> ds_id u32 | parent ino u64 | name
-    meta      b"next_ino", b"next_ds", b"epoch"   -> u64
+    datasets  name (utf-8)                   -> msgpack dict (id, uri, options, root, counters)
+    entries   ds_id u32 | parent u64 | name  -> msgpack [ino, kind, size, mtime, version, etag, gen]
+    inodes    ino u64                        -> ds_id u32 | parent u64 | name
+    meta      next_ino, next_ds, epoch       -> u64
 
 `entries` keyed by parent makes lookup a single get and readdir a prefix scan in name order, so
 a listing can be paged by "names after X". The dataset root is the entry (ds_id, 0, "").
@@ -364,7 +364,9 @@ class Sync:
                 self.report.bytes += size
             else:
                 self.report.dirs += 1
-        txn.put(key, _pack([ino, kind, size, mtime, version, etag, self.generation]), db=store._entries)
+        txn.put(
+            key, _pack([ino, kind, size, mtime, version, etag, self.generation]), db=store._entries
+        )
         return ino
 
     def _count_removed(self, record: list) -> None:

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 import trio
+from cachefs.master.namespace import MetadataStore
+from cachefs.master.registry import WorkerRegistry
 
 from cachefs import __version__
 from cachefs.config import format_address
@@ -17,8 +19,6 @@ from cachefs.errors import InvalidArgument, NotFound
 from cachefs.meta import Attr
 from cachefs.rpc import RpcServer
 from cachefs.ufs import RemoteStore, parse_uri
-from cachefs.master.namespace import MetadataStore
-from cachefs.master.registry import WorkerRegistry
 
 log = logging.getLogger("cachefs.master")
 

@@ -25,7 +25,10 @@ def cachefs_cmd(*args: str) -> list[str]:
 def run_cli(*args: str, timeout: float = 120.0, env: dict | None = None):
     """Runs `cachefs ARGS` to completion; returns the CompletedProcess (text, never raises)."""
     return subprocess.run(
-        cachefs_cmd(*args), capture_output=True, text=True, timeout=timeout,
+        cachefs_cmd(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 
@@ -68,7 +71,9 @@ class ServiceProcess:
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             cachefs_cmd("--log-level", "INFO", self.kind, *args),
-            stdout=subprocess.PIPE, stderr=self._log, text=True,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
         )
         match = wait_for_line(self.proc, rf"cachefs {self.kind} listening on (\S+)")
         self.address = match.group(1)
@@ -94,5 +99,7 @@ class ServiceProcess:
 def master_process(tmp_path: Path, *extra: str) -> ServiceProcess:
     state = tmp_path / "master-state"
     return ServiceProcess(
-        "master", ["--listen", "127.0.0.1:0", "--state", str(state), *extra], tmp_path / "master.log"
+        "master",
+        ["--listen", "127.0.0.1:0", "--state", str(state), *extra],
+        tmp_path / "master.log",
     )

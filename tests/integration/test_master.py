@@ -120,7 +120,11 @@ async def test_sync_s3_bucket_matches_source(master, moto_server):
     moto_server.upload("train", {"elsewhere/ignored.bin": b"nope"})
 
     result = cli(
-        master, "dataset", "add", "s3set", "s3://train/sets/a",
+        master,
+        "dataset",
+        "add",
+        "s3set",
+        "s3://train/sets/a",
         *[f"-o{k}={v}" for k, v in moto_server.options.items()],
     )
     assert result.returncode == 0, result.stderr
@@ -218,8 +222,15 @@ def test_duplicate_dataset_name(master, tmp_path):
 def test_unreachable_s3_endpoint(master):
     started = time.monotonic()
     result = cli(
-        master, "dataset", "add", "far", "s3://bucket/prefix",
-        "-o", "endpoint_override=127.0.0.1:1", "-o", "scheme=http",
+        master,
+        "dataset",
+        "add",
+        "far",
+        "s3://bucket/prefix",
+        "-o",
+        "endpoint_override=127.0.0.1:1",
+        "-o",
+        "scheme=http",
     )
     assert result.returncode == 1
     assert "127.0.0.1:1" in result.stderr and result.stderr.count("\n") == 1
@@ -229,7 +240,11 @@ def test_unreachable_s3_endpoint(master):
 def test_nonexistent_s3_prefix(master, moto_server):
     moto_server.create_bucket("emptyish")
     result = cli(
-        master, "dataset", "add", "nothing", "s3://emptyish/no/such/prefix",
+        master,
+        "dataset",
+        "add",
+        "nothing",
+        "s3://emptyish/no/such/prefix",
         *[f"-o{k}={v}" for k, v in moto_server.options.items()],
     )
     assert result.returncode == 1
