@@ -16,7 +16,13 @@ from datetime import datetime
 import click
 import trio
 
-from cachefs.config import format_address, master_address, parse_address, read_secret
+from cachefs.config import (
+    format_address,
+    master_address,
+    parse_address,
+    parse_size,
+    read_secret,
+)
 from cachefs.errors import CacheFsError, InvalidArgument
 from cachefs.rpc import RpcClient
 
@@ -124,6 +130,50 @@ def master(listen: str, state: str, secret_file: str | None, liveness: float) ->
 
     service = functools.partial(run_master, address, state, secret=secret, liveness=liveness)
     trio.run(_serve_until_signal, service, "master")
+
+
+@main.command()
+@click.option("--master", "master_addr", metavar="HOST:PORT", help="master address")
+@click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT")
+@click.option("--advertise", metavar="HOST:PORT", help="address clients use (default: --listen)")
+@click.option("--state", required=True, type=click.Path(file_okay=False), help="index and id")
+@click.option("--mem", default="1G", show_default=True, help="RAM tier size (0 for none)")
+@click.option("--disk", type=click.Path(file_okay=False), help="directory for the DISK tier")
+@click.option("--disk-size", default="0", help="DISK tier size, e.g. 100G")
+@click.option("--host-id", help="node name for locality (default: hostname)")
+@click.option("--shm", default="/dev/shm", show_default=True, type=click.Path(file_okay=False))
+@secret_option
+@_errors_to_exit
+def worker(master_addr, listen, advertise, state, mem, disk, disk_size, host_id, shm, secret_file):
+    """Run a cache worker (foreground)."""
+    from pathlib import Path
+
+    from cachefs.worker.service import run_worker
+    from cachefs.worker.store import BlockStore
+
+    if disk and not parse_size(disk_size):
+        raise InvalidArgument("--disk needs --disk-size")
+    secret = read_secret(secret_file)
+    store = BlockStore(
+        Path(state),
+        mem_capacity=parse_size(mem),
+        disk_dir=Path(disk) if disk else None,
+        disk_capacity=parse_size(disk_size),
+        shm_dir=Path(shm),
+    )
+    service = functools.partial(
+        run_worker,
+        master_address(master_addr),
+        parse_address(listen),
+        store,
+        advertise=advertise,
+        host_id=host_id,
+        secret=secret,
+    )
+    try:
+        trio.run(_serve_until_signal, service, "worker")
+    finally:
+        store.close()
 
 
 @main.group()

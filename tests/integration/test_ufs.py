@@ -17,6 +17,7 @@ import trio
 
 from cachefs import errors
 from cachefs.ufs import RemoteEntry, RemoteStore, _translate, _WebHdfsHandler, parse_uri
+from tests.faults import FaultyFs
 
 
 async def collect(store: RemoteStore, batch_size: int = 5000) -> dict[str, RemoteEntry]:
@@ -39,42 +40,6 @@ async def wait_drained(limiter: trio.CapacityLimiter, seconds: float) -> None:
             await limiter.acquire_on_behalf_of(owner)
     for owner in owners:
         limiter.release_on_behalf_of(owner)
-
-
-class FaultyFs:
-    """Delegates to a real pyarrow filesystem; `faults` holds exceptions to raise first."""
-
-    def __init__(self, real, faults=(), block: threading.Event | None = None):
-        self.real = real
-        self.faults = list(faults)
-        self.block = block
-        self.calls = 0
-        self.active = self.max_active = 0
-        self._lock = threading.Lock()
-
-    def _enter(self):
-        with self._lock:
-            self.calls += 1
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
-            fault = self.faults.pop(0) if self.faults else None
-        try:
-            if self.block is not None:
-                self.block.wait(timeout=30)
-            if fault is not None:
-                raise fault
-            time.sleep(0.01)  # long enough for concurrent calls to overlap
-        finally:
-            with self._lock:
-                self.active -= 1
-
-    def get_file_info(self, arg):
-        self._enter()
-        return self.real.get_file_info(arg)
-
-    def open_input_file(self, path):
-        self._enter()
-        return self.real.open_input_file(path)
 
 
 # --- local directory ------------------------------------------------------------------------

@@ -1,0 +1,312 @@
+"""The worker process: serves cached bytes over RPC and fills misses from the remote store.
+
+The worker owns remote reads. A miss starts one fill task per cache key (single-flight): every
+concurrent reader of that key waits for the same fill, and the fill runs in the service's own
+nursery, so a reader that gives up (deadline, disconnect) never cancels it for the others.
+
+Files up to BLOCK_SIZE are cached whole under their cache key; larger files as BLOCK_SIZE blocks
+keyed by (cache key, block index), so a random read of a large file fetches only its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+from cachefs.worker.store import BlockStore
+from cachefs.worker.tier import BLOCK_SIZE
+
+from cachefs.config import format_address
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
+from cachefs.meta import cache_key
+from cachefs.rpc import Reply, RpcClient, RpcServer
+from cachefs.ufs import RemoteStore
+
+log = logging.getLogger("cachefs.worker")
+
+_BLOCK_INDEX = struct.Struct(">I")
+MAX_READ = 64 << 20  # one read RPC returns at most this much
+PREFETCH_MAX = 10_000
+
+
+def block_key(key: bytes, index: int) -> bytes:
+    return key + _BLOCK_INDEX.pack(index)
+
+
+@dataclass
+class _Fill:
+    """One in-flight remote read that any number of readers wait on."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: CacheFsError | None = None
+
+
+class WorkerService:
+    def __init__(
+        self,
+        store: BlockStore,
+        remote_for: Callable[[str], Awaitable[RemoteStore]],
+        *,
+        fill_parallelism: int = 32,
+    ):
+        """`remote_for(dataset)` returns the RemoteStore of a dataset (asks the master)."""
+        self.store = store
+        self._remote_for = remote_for
+        self._fills: dict[bytes, _Fill] = {}
+        self._fill_limiter = trio.CapacityLimiter(fill_parallelism)
+        self._nursery: trio.Nursery | None = None
+        self.remote_reads = 0
+        self.remote_bytes = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Owns the fill tasks; runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- the read path -------------------------------------------------------------------
+
+    async def read(
+        self,
+        dataset: str,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        offset: int,
+        length: int,
+        etag: str | None = None,
+    ) -> tuple[bytes, bool]:
+        """Bytes [offset, offset+length) of one version of a file; and whether all were hits."""
+        if offset < 0 or length < 0 or length > MAX_READ:
+            raise InvalidArgument(f"bad read range {offset}+{length}")
+        end = min(offset + length, size)
+        if offset >= end:
+            return b"", True
+        key = cache_key(dataset, path, size, mtime_ns, etag)
+        if size <= BLOCK_SIZE:
+            data, hit = await self._object(key, dataset, path, 0, size)
+            return data[offset:end], hit
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        parts: list = [None] * (last - first + 1)
+        hits = []
+
+        async def one(i: int) -> None:
+            start = i * BLOCK_SIZE
+            block_len = min(BLOCK_SIZE, size - start)
+            data, hit = await self._object(block_key(key, i), dataset, path, start, block_len)
+            lo, hi = max(offset, start) - start, min(end, start + block_len) - start
+            parts[i - first] = data[lo:hi]
+            hits.append(hit)
+
+        if first == last:
+            await one(first)
+        else:
+            async with trio.open_nursery() as nursery:
+                for i in range(first, last + 1):
+                    nursery.start_soon(one, i)
+        return b"".join(parts), all(hits)
+
+    async def _object(
+        self, key: bytes, dataset: str, path: str, offset: int, length: int
+    ) -> tuple[bytes, bool]:
+        data = self.store.get(key)
+        if data is not None:
+            return data, True
+        fill = self._fills.get(key)
+        if fill is None:
+            if self._nursery is None:
+                raise Unavailable("worker is not running")
+            fill = self._fills[key] = _Fill()
+            self._nursery.start_soon(self._fill, key, fill, dataset, path, offset, length)
+        await fill.done.wait()
+        if fill.error is not None:
+            raise fill.error
+        return fill.data, False
+
+    async def _fill(
+        self, key: bytes, fill: _Fill, dataset: str, path: str, offset: int, length: int
+    ) -> None:
+        try:
+            remote = await self._remote_for(dataset)
+            async with self._fill_limiter:
+                self.remote_reads += 1
+                data = await remote.read_range(path, offset, length)
+            self.remote_bytes += len(data)
+            if len(data) != length:
+                raise CacheFsError(
+                    f"{path} changed in the remote store since the last sync "
+                    f"(expected {length} bytes at {offset}, got {len(data)}); "
+                    f"run `cachefs dataset sync {dataset}`"
+                )
+            self.store.put(key, data, dataset)
+            fill.data = data
+        except CacheFsError as exc:
+            fill.error = exc
+        except Exception as exc:  # a bug, not a remote failure: keep serving, report EIO
+            log.exception("fill of %s in %s failed", path, dataset)
+            fill.error = CacheFsError(f"fill of {path} failed: {exc!r}")
+        finally:
+            del self._fills[key]
+            fill.done.set()
+
+    # ---- RPC -----------------------------------------------------------------------------
+
+    async def rpc_read(
+        self,
+        dataset: str,
+        path: str,
+        size: int,
+        mtime_ns: int,
+        offset: int = 0,
+        length: int = MAX_READ,
+        etag: str | None = None,
+    ) -> Reply:
+        data, hit = await self.read(dataset, path, size, mtime_ns, offset, length, etag)
+        return Reply({"hit": hit}, data)
+
+    async def rpc_prefetch(self, dataset: str, files: list) -> dict:
+        """Warms the cache with whole files: files = [[path, size, mtime_ns, etag], ...]."""
+        if len(files) > PREFETCH_MAX:
+            raise InvalidArgument(f"prefetch takes at most {PREFETCH_MAX} files per call")
+        result = {"cached": 0, "fetched": 0, "failed": 0, "bytes": 0}
+
+        async def one(path, size, mtime_ns, etag=None):
+            try:
+                for start in range(0, max(size, 1), MAX_READ):
+                    _, hit = await self.read(dataset, path, size, mtime_ns, start, MAX_READ, etag)
+                result["cached" if hit else "fetched"] += 1
+                result["bytes"] += size
+            except CacheFsError as exc:
+                log.warning("prefetch of %s failed: %s", path, exc.message)
+                result["failed"] += 1
+
+        limiter = trio.Semaphore(64)
+
+        async def bounded(entry):
+            async with limiter:
+                await one(*entry)
+
+        async with trio.open_nursery() as nursery:
+            for entry in files:
+                nursery.start_soon(bounded, entry)
+        return result
+
+    async def rpc_cached(self, dataset: str, path: str, size: int, mtime_ns: int, etag=None) -> int:
+        """How many bytes of this file version are in the cache."""
+        key = cache_key(dataset, path, size, mtime_ns, etag)
+        if size <= BLOCK_SIZE:
+            loc = self.store.location(key)
+            return loc.length if loc else 0
+        total = 0
+        for i in range((size + BLOCK_SIZE - 1) // BLOCK_SIZE):
+            loc = self.store.location(block_key(key, i))
+            total += loc.length if loc else 0
+        return total
+
+    async def rpc_evict(self, dataset: str | None = None, keys: list | None = None) -> int:
+        if dataset is not None:
+            return self.store.evict_dataset(dataset)
+        return self.store.evict_keys([bytes(k) for k in keys or []])
+
+    async def rpc_pin(self, dataset: str, pinned: bool = True) -> None:
+        self.store.set_pinned(dataset, pinned)
+
+    async def rpc_stats(self) -> dict:
+        return self.stats()
+
+    def stats(self) -> dict:
+        return {
+            **self.store.stats(),
+            "worker_id": self.store.worker_id,
+            "remote_reads": self.remote_reads,
+            "remote_bytes": self.remote_bytes,
+            "fills_in_flight": len(self._fills),
+        }
+
+
+class MasterLink:
+    """The worker's side of membership: register, heartbeat, learn dataset URIs."""
+
+    def __init__(self, client: RpcClient, store: BlockStore, host_id: str):
+        self.client = client
+        self.store = store
+        self.host_id = host_id
+        self.address = ""  # set once the RPC server is bound
+        self.stats: Callable[[], dict] = store.stats
+        self.interval = 2.5
+        self._remotes: dict[str, tuple[tuple, RemoteStore]] = {}
+
+    async def remote_for(self, dataset: str) -> RemoteStore:
+        info = await self.client.call("dataset_info", name=dataset)
+        spec = (info["uri"], tuple(sorted(info["options"].items())))
+        known = self._remotes.get(dataset)
+        if known is None or known[0] != spec:  # new, or removed and added again elsewhere
+            known = self._remotes[dataset] = (spec, RemoteStore(info["uri"], info["options"]))
+        return known[1]
+
+    async def register(self) -> None:
+        reply = await self.client.call(
+            "worker_register",
+            worker_id=self.store.worker_id,
+            address=self.address,
+            host_id=self.host_id,
+            capacity={name: tier.capacity for name, tier in self.store.tiers.items()},
+        )
+        self.interval = reply["heartbeat"]
+        log.info(
+            "registered with the master as %s (epoch %s)", self.store.worker_id, reply["epoch"]
+        )
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Registers, then heartbeats forever; re-registers when the master forgot us."""
+        registered = False
+        started = False
+        while True:
+            try:
+                if not registered:
+                    await self.register()
+                    registered = True
+                else:
+                    await self.client.call(
+                        "worker_heartbeat", worker_id=self.store.worker_id, stats=self.stats()
+                    )
+            except NotFound:
+                registered = False
+                continue
+            except Unavailable as exc:
+                log.warning("master unreachable: %s", exc.message)
+            if not started:  # readiness means "tried to register once", not "registered"
+                started = True
+                task_status.started()
+            await trio.sleep(self.interval)
+
+
+async def run_worker(
+    master: tuple[str, int],
+    listen: tuple[str, int],
+    store: BlockStore,
+    *,
+    advertise: str | None = None,
+    host_id: str | None = None,
+    secret: bytes | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serves until cancelled; `task_status.started` gets the bound (host, port)."""
+    async with RpcClient(master, secret=secret, name="master") as client:
+        link = MasterLink(client, store, host_id or socket.gethostname())
+        service = WorkerService(store, link.remote_for)
+        link.stats = service.stats
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            server = RpcServer(service, secret=secret, name="worker")
+            bound = await nursery.start(server.serve, *listen)
+            host = bound[0] if bound[0] not in ("0.0.0.0", "::") else socket.gethostname()
+            link.address = advertise or format_address((host, bound[1]))
+            await nursery.start(link.run)
+            task_status.started(bound)

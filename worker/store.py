@@ -1,0 +1,313 @@
+"""The worker's block store: MEM and DISK tiers, the index, eviction, checksums.
+
+Synchronous and I/O-light (memory copies into mmap'd files), so the async layer calls it
+directly. The rules:
+
+- new data goes to MEM (or DISK when there is no MEM tier);
+- what MEM evicts is demoted to DISK when a DISK tier exists; what DISK evicts is dropped;
+- a DISK hit is promoted to MEM;
+- every read verifies the xxh3_64 checksum; a mismatch drops the entry (the caller refetches);
+- a full cache never fails a caller: `put` returns False and the data is simply not cached;
+- pinned datasets are never evicted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import xxhash
+from cachefs.worker.eviction import Watermarks
+from cachefs.worker.index import CacheIndex, Location
+from cachefs.worker.slab import Slot
+from cachefs.worker.tier import BLOCK_SIZE, Tier
+
+log = logging.getLogger("cachefs.worker.store")
+
+#: When an allocation fails, evict at most this many cold entries before clearing a whole slab.
+_EVICT_SCAN = 64
+
+
+def checksum(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+@dataclass
+class StoreCounters:
+    hits: int = 0
+    misses: int = 0
+    hit_bytes: int = 0
+    corrupt: int = 0
+    evictions: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    not_stored: int = 0
+    per_dataset: Counter = field(default_factory=Counter)  # dataset -> bytes
+    per_dataset_files: Counter = field(default_factory=Counter)
+
+
+class BlockStore:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        mem_capacity: int,
+        disk_dir: Path | None = None,
+        disk_capacity: int = 0,
+        shm_dir: Path = Path("/dev/shm"),
+        high: float = 0.95,
+        low: float = 0.85,
+    ):
+        self.index = CacheIndex(state_dir)
+        self.worker_id = self._worker_id()
+        self.tiers: dict[str, Tier] = {}
+        if mem_capacity:
+            path = shm_dir / f"cachefs-{self.worker_id}" / "mem.slab"
+            self.tiers["mem"] = Tier("mem", path, mem_capacity)
+        if disk_dir is not None and disk_capacity:
+            self.tiers["disk"] = Tier("disk", disk_dir / "disk.slab", disk_capacity)
+        if not self.tiers:
+            raise ValueError("a worker needs a MEM or a DISK tier")
+        self._order = [name for name in ("mem", "disk") if name in self.tiers]
+        self._watermarks = {
+            name: Watermarks(tier.capacity, high=high, low=low) for name, tier in self.tiers.items()
+        }
+        self._locations: dict[bytes, Location] = {}
+        self.pinned: set[str] = set()
+        self.counters = StoreCounters()
+        self._load_index()
+
+    # ---- start-up ------------------------------------------------------------------------
+
+    def _worker_id(self) -> str:
+        worker_id = self.index.get_meta("worker_id")
+        if worker_id is None:
+            import uuid
+
+            worker_id = uuid.uuid4().hex[:12]
+            self.index.set_meta("worker_id", worker_id)
+        return worker_id
+
+    def _load_index(self) -> None:
+        """Rebuilds allocators and LRU from the persisted index; drops what can't be trusted."""
+        for name in ("mem", "disk"):
+            tier = self.tiers.get(name)
+            geometry = [tier.capacity, tier.slab_size, tier.allocator.class_sizes] if tier else None
+            if (
+                tier is None
+                or not tier.reused
+                or self.index.get_meta(f"geometry:{name}") != geometry
+            ):
+                dropped = self.index.delete_tier(name)
+                if dropped:
+                    log.info("%s tier is new or changed: forgot %d cached entries", name, dropped)
+                if geometry is not None:
+                    self.index.set_meta(f"geometry:{name}", geometry)
+        for key, (tier_name, slab, index, size_class, length, digest, dataset) in list(
+            self.index.items_raw()
+        ):
+            tier = self.tiers[tier_name]
+            alloc = tier.allocator
+            slot = Slot(
+                slab,
+                index,
+                size_class,
+                slab * alloc.slab_size + index * alloc.class_sizes[size_class],
+                alloc.class_sizes[size_class],
+            )
+            alloc.claim(slot, length)
+            loc = Location(tier_name, slot, length, digest, dataset)
+            self._locations[key] = loc
+            tier.policy.insert(key, length)
+            self._account(loc, +1)
+        if self._locations:
+            log.info("kept %d cached entries from the previous run", len(self._locations))
+
+    def close(self) -> None:
+        self.index.close()
+        for tier in self.tiers.values():
+            tier.close()
+
+    # ---- reads ---------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        """The cached bytes, verified, or None (miss, or corrupt and now dropped)."""
+        loc = self._locations.get(key)
+        if loc is None:
+            self.counters.misses += 1
+            return None
+        tier = self.tiers[loc.tier]
+        data = tier.read(loc.slot, loc.length)
+        if checksum(data) != loc.checksum:
+            self.counters.corrupt += 1
+            log.warning("checksum mismatch in %s tier slot %s; dropping", loc.tier, loc.slot)
+            self._drop(key, loc)
+            self.counters.misses += 1
+            return None
+        self.counters.hits += 1
+        self.counters.hit_bytes += loc.length
+        tier.policy.touch(key)
+        if loc.tier != self._order[0]:
+            self._promote(key, loc, data)
+        return data
+
+    def location(self, key: bytes) -> Location | None:
+        return self._locations.get(key)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._locations
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def put(self, key: bytes, data: bytes | memoryview, dataset: str) -> bool:
+        """Caches `data` under `key` in the first tier; False if it could not be stored."""
+        if len(data) > BLOCK_SIZE:
+            raise ValueError("objects larger than a block are stored as blocks")
+        old = self._locations.get(key)
+        if old is not None:
+            self._drop(key, old)
+        stored = self._store_in(self._order[0], key, data, dataset, checksum(data))
+        if not stored:
+            self.counters.not_stored += 1
+        return stored
+
+    def _store_in(self, tier_name: str, key: bytes, data, dataset: str, digest: int) -> bool:
+        tier = self.tiers[tier_name]
+        marks = self._watermarks[tier_name]
+        if marks.needs_eviction(tier.used_bytes, len(data)):
+            self._evict_down_to(tier_name, marks.target())
+        slot = self._allocate(tier_name, len(data))
+        if slot is None:
+            return False
+        tier.write(slot, data)
+        loc = Location(tier_name, slot, len(data), digest, dataset)
+        self.index.put(key, loc)  # data first, then the index: a crash leaves no dangling entry
+        self._locations[key] = loc
+        tier.policy.insert(key, len(data), pinned=dataset in self.pinned)
+        self._account(loc, +1)
+        return True
+
+    def _allocate(self, tier_name: str, length: int) -> Slot | None:
+        tier = self.tiers[tier_name]
+        alloc = tier.allocator
+        slot = alloc.allocate(length)
+        scanned = 0
+        while slot is None and scanned < _EVICT_SCAN:
+            victim = next(tier.policy.victims(), None)
+            if victim is None:
+                break
+            self._evict(victim)
+            scanned += 1
+            alloc.release_empty_slabs()
+            slot = alloc.allocate(length)
+        if slot is None:
+            # The size class is starving: clear a whole slab of another class and reassign it.
+            slab = alloc.rebalance_victim(length)
+            if slab is not None and self._clear_slab(tier_name, slab):
+                alloc.reassign(slab, alloc.class_for(length))
+                slot = alloc.allocate(length)
+        return slot
+
+    def _clear_slab(self, tier_name: str, slab: int) -> bool:
+        """Evicts every entry in a slab; False if a pinned entry lives there."""
+        tier = self.tiers[tier_name]
+        owners = {
+            (loc.slot.slab, loc.slot.index): key
+            for key, loc in self._locations.items()
+            if loc.tier == tier_name and loc.slot.slab == slab
+        }
+        keys = [owners[(s.slab, s.index)] for s in tier.allocator.slots_in_slab(slab)]
+        if any(self._locations[key].dataset in self.pinned for key in keys):
+            return False
+        for key in keys:
+            self._evict(key)
+        return True
+
+    def _evict_down_to(self, tier_name: str, target: int) -> None:
+        tier = self.tiers[tier_name]
+        for victim in list(tier.policy.victims()):
+            if tier.used_bytes <= target:
+                break
+            self._evict(victim)
+        tier.allocator.release_empty_slabs()
+
+    def _evict(self, key: bytes) -> None:
+        """Moves an entry one tier down, or drops it from the last tier."""
+        loc = self._locations[key]
+        self.counters.evictions += 1
+        position = self._order.index(loc.tier)
+        if position + 1 < len(self._order):
+            data = bytes(self.tiers[loc.tier].view(loc.slot, loc.length))
+            self._drop(key, loc)
+            if self._store_in(self._order[position + 1], key, data, loc.dataset, loc.checksum):
+                self.counters.demotions += 1
+        else:
+            self._drop(key, loc)
+
+    def _promote(self, key: bytes, loc: Location, data: bytes) -> None:
+        self._drop(key, loc)
+        if self._store_in(self._order[0], key, data, loc.dataset, loc.checksum):
+            self.counters.promotions += 1
+        else:  # MEM is full of pinned data: keep it where it was (its slot was just freed)
+            self._store_in(loc.tier, key, data, loc.dataset, loc.checksum)
+
+    def _drop(self, key: bytes, loc: Location) -> None:
+        self.index.delete(key)
+        del self._locations[key]
+        tier = self.tiers[loc.tier]
+        tier.policy.remove(key)
+        tier.allocator.free(loc.slot)
+        self._account(loc, -1)
+
+    def _account(self, loc: Location, sign: int) -> None:
+        self.counters.per_dataset[loc.dataset] += sign * loc.length
+        self.counters.per_dataset_files[loc.dataset] += sign
+
+    # ---- management ----------------------------------------------------------------------
+
+    def evict_dataset(self, dataset: str) -> int:
+        keys = [key for key, loc in self._locations.items() if loc.dataset == dataset]
+        for key in keys:
+            self._drop(key, self._locations[key])
+        return len(keys)
+
+    def evict_keys(self, keys: list[bytes]) -> int:
+        found = [key for key in keys if key in self._locations]
+        for key in found:
+            self._drop(key, self._locations[key])
+        return len(found)
+
+    def set_pinned(self, dataset: str, pinned: bool) -> None:
+        (self.pinned.add if pinned else self.pinned.discard)(dataset)
+        for key, loc in self._locations.items():
+            if loc.dataset == dataset:
+                self.tiers[loc.tier].policy.set_pinned(key, pinned)
+
+    def stats(self) -> dict:
+        c = self.counters
+        return {
+            "tiers": {
+                name: {
+                    "capacity": tier.capacity,
+                    "used": tier.used_bytes,
+                    "stored": tier.allocator.stored_bytes,
+                    "entries": len(tier.policy),
+                }
+                for name, tier in self.tiers.items()
+            },
+            "datasets": {
+                ds: {"bytes": c.per_dataset[ds], "entries": c.per_dataset_files[ds]}
+                for ds in c.per_dataset
+                if c.per_dataset_files[ds]
+            },
+            "hits": c.hits,
+            "misses": c.misses,
+            "hit_bytes": c.hit_bytes,
+            "corrupt": c.corrupt,
+            "evictions": c.evictions,
+            "demotions": c.demotions,
+            "promotions": c.promotions,
+            "not_stored": c.not_stored,
+        }
