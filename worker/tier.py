@@ -47,7 +47,7 @@ class Tier:
                     os.unlink(path)
                     if exc.errno == errno.ENOSPC:
                         raise NoSpace(
-                            f"not enough space for a {self.capacity >> 20} MiB {name} tier at {path}"
+                            f"no room for a {self.capacity >> 20} MiB {name} tier at {path}"
                         ) from None
                     raise
             self._map = mmap.mmap(fd, self.capacity)
