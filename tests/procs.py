@@ -103,3 +103,17 @@ def master_process(tmp_path: Path, *extra: str) -> ServiceProcess:
         ["--listen", "127.0.0.1:0", "--state", str(state), *extra],
         tmp_path / "master.log",
     )
+
+
+def worker_process(
+    tmp_path: Path, master: str, name: str = "w1", mem: str = "64M", *extra: str
+) -> ServiceProcess:
+    base = tmp_path / f"worker-{name}"
+    return ServiceProcess(
+        "worker",
+        [
+            "--master", master, "--listen", "127.0.0.1:0", "--state", str(base / "state"),
+            "--mem", mem, "--shm", str(base / "shm"), "--host-id", name, *extra,
+        ],
+        tmp_path / f"worker-{name}.log",
+    )  # fmt: skip

@@ -2,10 +2,11 @@
 
 The tier file (capacity bytes) is cut into fixed-size slabs. A slab is unassigned until a size
 class needs it; then it is carved into equal slots of that class. Size classes grow
-geometrically from `min_slot` to `max_object`, so an object wastes at most ~`growth - 1` of its
-slot. When a class runs out of room and no unassigned slab is left, `rebalance_victim` names a
-slab of another class to empty and `reassign` (the memcached slab-rebalancing idea), so the
-class mix follows the workload instead of being fixed by whoever filled the cache first.
+geometrically from `min_slot` to `max_object`, so past the first few classes (which step by
+`align`) an object wastes at most ~`growth - 1` of its slot. When a class runs out of room and
+no unassigned slab is left, `rebalance_victim` names a slab of another class to empty and
+`reassign` (the memcached slab-rebalancing idea), so the class mix follows the workload instead
+of being fixed by whoever filled the cache first.
 
 Alignment: class sizes (hence every slot offset) are multiples of `align`, 4096 by default.
 Measured with growth 1.08 on a log-normal mix (median 48 KB, sigma 0.8, capped at 4 MiB, a
@@ -14,7 +15,7 @@ with 512. The 1.2 points buy page-aligned slots: no two objects share a page of 
 false sharing of dirty or dropped pages, per-slot madvise / fallocate punch-hole, O_DIRECT on
 4Kn disks), and fewer classes (65 instead of 85 from 4 KiB to 4 MiB), so fewer half-filled
 slabs; in that run 4096 actually stored more per byte of tier (0.84 vs 0.80 of capacity).
-growth 1.05 raises efficiency to 0.960 at 93 classes, 1.15 lowers it to 0.919.
+growth 1.05 raises efficiency to 0.960 at 93 classes, 1.15 lowers it to 0.919, 1.25 to 0.885.
 
 Cost: allocate/free/claim are O(1) (per-class indexed sets of slabs with free slots, a
 per-slab free-slot stack); class_for is O(log classes). Per assigned slab the state is two

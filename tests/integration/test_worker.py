@@ -1,0 +1,225 @@
+"""The worker fills misses exactly once, survives restarts, heals corruption, never fails full.
+
+In-process tests run a real WorkerService behind a real RPC server on loopback, reading a real
+local directory through RemoteStore; the remote reads are counted by wrapping the real pyarrow
+filesystem. Process tests run `cachefs master` and `cachefs worker` as separate processes.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+from cachefs.worker.service import WorkerService
+from cachefs.worker.store import BlockStore
+
+from cachefs.config import parse_address
+from cachefs.rpc import RpcClient, RpcServer
+from cachefs.ufs import RemoteStore
+from tests.faults import FaultyFs
+from tests.procs import master_process, run_cli, worker_process
+
+MiB = 1 << 20
+
+
+def write_files(root: Path, sizes: list[int], seed: int = 1) -> dict[str, bytes]:
+    rng = random.Random(seed)
+    files = {}
+    for i, size in enumerate(sizes):
+        rel = f"d{i // 100:03d}/f{i:05d}.bin"
+        data = rng.randbytes(size)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+        files[rel] = data
+    return files
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupts one byte of a file through the file system, as a bad disk would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x55]))
+
+
+@asynccontextmanager
+async def served_worker(tmp_path: Path, source: Path, *, mem=64 * MiB, disk=0):
+    """A WorkerService on a real RPC server; yields (client, service, counting fs)."""
+    store = BlockStore(
+        tmp_path / "state",
+        mem_capacity=mem,
+        disk_dir=tmp_path / "disk" if disk else None,
+        disk_capacity=disk,
+        shm_dir=tmp_path / "shm",
+    )
+    remote = RemoteStore(source.as_uri())
+    counting = remote._fs = FaultyFs(remote._fs)
+
+    async def remote_for(dataset):
+        return remote
+
+    service = WorkerService(store, remote_for)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            bound = await nursery.start(RpcServer(service).serve, "127.0.0.1", 0)
+            async with RpcClient(bound, pool_size=2) as client:
+                yield client, service, counting
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def read(client, rel, data, mtime_ns=1, offset=0, length=None):
+    value, payload = await client.call_with_payload(
+        "read", dataset="ds", path=rel, size=len(data), mtime_ns=mtime_ns,
+        offset=offset, length=len(data) if length is None else length,
+    )  # fmt: skip
+    return value, payload
+
+
+async def test_single_flight_100_concurrent_reads_one_remote_read(tmp_path):
+    source = tmp_path / "src"
+    files = write_files(source, [3 * MiB])
+    ((rel, data),) = files.items()
+    async with served_worker(tmp_path, source) as (client, service, counting):
+        results = []
+
+        async def reader():
+            results.append((await read(client, rel, data))[1])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(100):
+                nursery.start_soon(reader)
+        assert len(results) == 100 and all(r == data for r in results)
+        assert counting.opens == 1
+        assert service.stats()["remote_reads"] == 1
+
+
+async def test_large_file_blocks_and_random_ranges(tmp_path):
+    source = tmp_path / "src"
+    files = write_files(source, [10 * MiB + 12345])
+    ((rel, data),) = files.items()
+    rng = random.Random(3)
+    async with served_worker(tmp_path, source) as (client, service, counting):
+        for _ in range(60):
+            offset = rng.randrange(len(data))
+            length = rng.choice([1, 4096, 1 * MiB, 5 * MiB])
+            _, payload = await read(client, rel, data, offset=offset, length=length)
+            assert payload == data[offset : offset + length]
+        assert counting.opens == 3  # three blocks, each fetched once
+
+
+async def test_corrupt_slot_on_disk_is_refetched(tmp_path):
+    source = tmp_path / "src"
+    files = write_files(source, [200_000])
+    ((rel, data),) = files.items()
+    async with served_worker(tmp_path, source, mem=0, disk=16 * MiB) as (client, svc, counting):
+        assert (await read(client, rel, data))[1] == data
+        loc = next(iter(svc.store._locations.values()))
+        flip_byte(svc.store.tiers["disk"].path, loc.slot.offset + 1234)
+        value, payload = await read(client, rel, data)
+        assert payload == data and value == {"hit": False}
+        assert svc.stats()["corrupt"] == 1
+        assert counting.opens == 2
+        assert (await read(client, rel, data)) == ({"hit": True}, data)
+
+
+async def test_full_cache_64mib_256mib_twice(tmp_path):
+    source = tmp_path / "src"
+    rng = random.Random(11)
+    sizes = []
+    while sum(sizes) < 256 * MiB:
+        sizes.append(min(int(rng.lognormvariate(11.5, 1.0)), 4 * MiB))
+    files = write_files(source, sizes)
+    async with served_worker(tmp_path, source, mem=64 * MiB) as (client, service, counting):
+        sem = trio.Semaphore(8)
+        peak = 0
+
+        async def check(rel, data):
+            nonlocal peak
+            async with sem:
+                assert (await read(client, rel, data))[1] == data
+                used = service.store.tiers["mem"].used_bytes
+                peak = max(peak, used)
+
+        for _ in range(2):
+            async with trio.open_nursery() as nursery:
+                for rel, data in files.items():
+                    nursery.start_soon(check, rel, data)
+        assert peak <= 64 * MiB
+        assert service.stats()["evictions"] > 0
+
+
+async def test_changed_remote_file_is_an_error_not_stale_bytes(tmp_path):
+    source = tmp_path / "src"
+    files = write_files(source, [5000])
+    ((rel, data),) = files.items()
+    (source / rel).write_bytes(b"short")
+    async with served_worker(tmp_path, source) as (client, service, counting):
+        try:
+            await read(client, rel, data)
+        except Exception as exc:  # noqa: BLE001 - checking the message below
+            assert "changed in the remote store" in str(exc)
+        else:
+            raise AssertionError("a size mismatch must not be served")
+
+
+def test_worker_process_restart_serves_1000_files_without_remote_reads(tmp_path):
+    source = tmp_path / "src"
+    files = write_files(source, [random.Random(i).randrange(1, 200_000) for i in range(1000)])
+    master = master_process(tmp_path)
+    master.start()
+    worker = worker_process(
+        tmp_path,
+        master.address,
+        "w1",
+        "64M",
+        "--disk",
+        str(tmp_path / "w1-disk"),
+        "--disk-size",
+        "256M",
+    )
+    try:
+        assert (
+            run_cli("dataset", "add", "ds", source.as_uri(), "--master", master.address).returncode
+            == 0
+        )
+        worker.start()
+        mtimes = {rel: (source / rel).stat().st_mtime_ns for rel in files}
+
+        async def read_all(expect_remote_reads):
+            async with RpcClient(parse_address(worker.address)) as client:
+
+                async def one(rel):
+                    _, payload = await client.call_with_payload(
+                        "read", dataset="ds", path=rel, size=len(files[rel]),
+                        mtime_ns=mtimes[rel], offset=0, length=len(files[rel]),
+                    )  # fmt: skip
+                    assert payload == files[rel]
+
+                async with trio.open_nursery() as nursery:
+                    for rel in files:
+                        nursery.start_soon(one, rel)
+                stats = await client.call("stats")
+                assert stats["remote_reads"] == expect_remote_reads
+
+        trio.run(read_all, 1000)
+        worker.stop()
+        shutil.rmtree(source)  # any remote read now would fail
+        worker.start()
+        trio.run(read_all, 0)
+
+        async def registered():
+            async with RpcClient(parse_address(master.address)) as client:
+                return await client.call("workers")
+
+        live = trio.run(registered)["workers"]
+        assert [w["address"] for w in live] == [worker.address]
+    finally:
+        worker.stop()
+        master.stop()
