@@ -10,12 +10,12 @@ import logging
 from pathlib import Path
 
 import trio
-from cachefs.master.namespace import MetadataStore
-from cachefs.master.registry import WorkerRegistry
 
 from cachefs import __version__
 from cachefs.config import format_address
 from cachefs.errors import InvalidArgument, NotFound
+from cachefs.master.namespace import MetadataStore
+from cachefs.master.registry import WorkerRegistry
 from cachefs.meta import Attr
 from cachefs.rpc import RpcServer
 from cachefs.ufs import RemoteStore, parse_uri

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lmdb
 import msgpack
+
 from cachefs.worker.slab import Slot
 
 

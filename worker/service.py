@@ -17,14 +17,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
-from cachefs.worker.store import BlockStore
-from cachefs.worker.tier import BLOCK_SIZE
 
 from cachefs.config import format_address
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.meta import cache_key
 from cachefs.rpc import Reply, RpcClient, RpcServer
 from cachefs.ufs import RemoteStore
+from cachefs.worker.store import BlockStore
+from cachefs.worker.tier import BLOCK_SIZE
 
 log = logging.getLogger("cachefs.worker")
 

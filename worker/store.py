@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
 from cachefs.worker.eviction import Watermarks
 from cachefs.worker.index import CacheIndex, Location
 from cachefs.worker.slab import Slot

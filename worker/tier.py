@@ -11,10 +11,9 @@ import mmap
 import os
 from pathlib import Path
 
+from cachefs.errors import InvalidArgument, NoSpace
 from cachefs.worker.eviction import LruPolicy
 from cachefs.worker.slab import SlabAllocator, Slot
-
-from cachefs.errors import InvalidArgument, NoSpace
 
 BLOCK_SIZE = 4 << 20
 #: Slabs as small as the largest object: a tier needs many more slabs than the size classes in

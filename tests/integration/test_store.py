@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from cachefs.worker.store import BlockStore
 from cachefs.worker.tier import BLOCK_SIZE
 

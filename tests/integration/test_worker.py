@@ -13,12 +13,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
-from cachefs.worker.service import WorkerService
-from cachefs.worker.store import BlockStore
 
 from cachefs.config import parse_address
 from cachefs.rpc import RpcClient, RpcServer
 from cachefs.ufs import RemoteStore
+from cachefs.worker.service import WorkerService
+from cachefs.worker.store import BlockStore
 from tests.faults import FaultyFs
 from tests.procs import master_process, run_cli, worker_process
 

@@ -7,10 +7,11 @@ import random
 import time
 
 import pytest
-from cachefs.worker.slab import SlabAllocator, Slot, make_class_sizes
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from cachefs.worker.slab import SlabAllocator, Slot, make_class_sizes
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 BLOCK = 4 * MiB
