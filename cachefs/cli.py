@@ -176,6 +176,96 @@ def worker(master_addr, listen, advertise, state, mem, disk, disk_size, host_id,
         store.close()
 
 
+@main.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@master_option
+@click.option("-f", "--foreground", is_flag=True, help="stay in the foreground")
+@click.option("--state", type=click.Path(file_okay=False), help="embedded mode state directory")
+@click.option("--mem", default="512M", show_default=True, help="embedded worker RAM tier")
+@click.option("--disk", type=click.Path(file_okay=False), help="embedded worker DISK tier dir")
+@click.option("--disk-size", default="0", help="embedded worker DISK tier size")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="URI option")
+@click.option("--attr-timeout", default=3600.0, show_default=True, help="kernel attr/entry cache s")
+@click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
+@secret_option
+@_errors_to_exit
+def mount(
+    source,
+    mountpoint,
+    master,
+    foreground,
+    state,
+    mem,
+    disk,
+    disk_size,
+    options,
+    attr_timeout,
+    op_timeout,
+    secret_file,
+):
+    """Mount SOURCE read-only on MOUNTPOINT.
+
+    SOURCE is a URI (embedded mode: master, worker and client in this process) or, with
+    --master, a dataset name. Returns once the mount answers, unless --foreground.
+    """
+    from pathlib import Path
+
+    from cachefs.fuse import mount as mounting
+
+    mountpoint_path = Path(mountpoint).resolve()
+    mounting.check_mountpoint(mountpoint_path)
+    uri_options = _parse_options(options)
+    embedded = master is None and "://" in source
+    if embedded:
+        from cachefs.ufs import parse_uri
+
+        parse_uri(source, uri_options)
+    state_base = Path(state or Path.home() / ".cache" / "cachefs").expanduser().resolve()
+    if not foreground:
+        argv = [a for a in sys.argv[1:]]
+        log_path = mounting.runtime_dir() / f"mount-{mountpoint_path.name}.log"
+        mounting.spawn_background(argv, mountpoint_path, log_path)
+        click.echo(f"cachefs: {source} mounted on {mountpoint_path} (log: {log_path})")
+        return
+    opts = mounting.MountOptions(
+        entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
+        secret=read_secret(secret_file),
+    )  # fmt: skip
+    if embedded:
+        from cachefs.worker.store import BlockStore
+
+        def store_factory(path):
+            return BlockStore(
+                path,
+                mem_capacity=parse_size(mem),
+                disk_dir=Path(disk) if disk else None,
+                disk_capacity=parse_size(disk_size),
+            )
+
+        serve = functools.partial(
+            mounting.run_embedded, source, uri_options, mountpoint_path,
+            mounting.embedded_state_dir(state_base, source), store_factory, opts,
+        )  # fmt: skip
+    else:
+        serve = functools.partial(
+            mounting.run_cluster_mount, source, master_address(master), mountpoint_path, opts
+        )
+    trio.run(mounting.run_foreground, serve, mountpoint_path)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_errors_to_exit
+def umount(mountpoint):
+    """Unmount a cachefs mount and wait for its process to exit."""
+    from pathlib import Path
+
+    from cachefs.fuse.mount import unmount
+
+    unmount(Path(mountpoint).resolve())
+
+
 @main.group()
 def dataset() -> None:
     """Add, list, sync and remove datasets."""

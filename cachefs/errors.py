@@ -48,6 +48,12 @@ class IsADirectory(CacheFsError):
     errno = _errno.EISDIR
 
 
+class NoAttribute(CacheFsError):
+    """No such extended attribute (ENODATA, which is ENOATTR on Linux)."""
+
+    errno = _errno.ENODATA
+
+
 class ReadOnly(CacheFsError):
     errno = _errno.EROFS
 

@@ -1,0 +1,264 @@
+"""Mount lifecycle: cluster mounts, embedded mode (master + worker + client in one process),
+the background daemon started by `cachefs mount`, and `cachefs umount`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+import xxhash
+
+from cachefs.errors import AlreadyExists, CacheFsError, InvalidArgument, NotFound
+from cachefs.fuse.operations import CacheFsOperations
+from cachefs.fuse.reader import DataReader, WorkerDirectory
+from cachefs.fuse.vfs import Vfs
+from cachefs.rpc import RpcClient
+from cachefs.ufs import RemoteStore, parse_uri
+
+log = logging.getLogger("cachefs.fuse.mount")
+
+EMBEDDED_DATASET = "embedded"
+READY_TIMEOUT = 120.0
+
+
+@dataclass
+class MountOptions:
+    entry_timeout: float = 3600.0
+    attr_timeout: float = 3600.0
+    op_timeout: float = 60.0
+    allow_other: bool = True
+    secret: bytes | None = None
+
+
+def runtime_dir() -> Path:
+    path = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cachefs-{os.getuid()}") / "cachefs"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def pid_file(mountpoint: Path) -> Path:
+    digest = xxhash.xxh64_hexdigest(str(mountpoint).encode())
+    return runtime_dir() / f"mount-{digest}.pid"
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise InvalidArgument(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise AlreadyExists(f"{mountpoint} is already a mount point (busy)")
+
+
+def _fuse_options(opts: MountOptions) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs", "ro"}
+    if opts.allow_other and os.getuid() == 0:
+        options.add("allow_other")
+    return options
+
+
+async def serve_mount(
+    dataset: str,
+    master_address,
+    mountpoint: Path,
+    opts: MountOptions,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mounts `dataset` and serves until unmounted (or cancelled, which unmounts)."""
+    check_mountpoint(mountpoint)
+    async with (
+        RpcClient(master_address, secret=opts.secret, name="master") as master,
+        WorkerDirectory(master, secret=opts.secret) as workers,
+        trio.open_nursery() as nursery,
+    ):
+        await workers.update()
+        remote: list[RemoteStore] = []
+
+        async def direct() -> RemoteStore:
+            if not remote:
+                info = await master.call("dataset_info", name=dataset)
+                remote.append(RemoteStore(info["uri"], info["options"]))
+            return remote[0]
+
+        vfs = Vfs(dataset, master, DataReader(dataset, workers, direct), nursery)
+        await vfs.start()
+        ops = CacheFsOperations(
+            vfs,
+            entry_timeout=opts.entry_timeout,
+            attr_timeout=opts.attr_timeout,
+            op_timeout=opts.op_timeout,
+        )
+        pyfuse3.init(ops, str(mountpoint), _fuse_options(opts))
+        try:
+            nursery.start_soon(workers.run)
+            log.info("dataset %s mounted on %s", dataset, mountpoint)
+            task_status.started()
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+            nursery.cancel_scope.cancel()
+        log.info("%s unmounted", mountpoint)
+
+
+async def ensure_embedded_dataset(master_address, uri: str, options: dict[str, str]) -> None:
+    """Adds the dataset on first use; later mounts re-sync it (incremental)."""
+    async with RpcClient(master_address, name="embedded master", timeout=6 * 3600) as master:
+        try:
+            info = await master.call("dataset_info", name=EMBEDDED_DATASET)
+        except NotFound:
+            await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
+        else:
+            if (info["uri"], info["options"]) != (uri, options):
+                await master.call("dataset_remove", name=EMBEDDED_DATASET)
+                await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
+        report = await master.call("dataset_sync", name=EMBEDDED_DATASET)
+        log.info("embedded dataset synced: %s", report)
+
+
+def embedded_state_dir(base: Path, uri: str) -> Path:
+    """One state directory per URI, so embedded mounts of different datasets never share."""
+    return base / "embedded" / xxhash.xxh64_hexdigest(uri.encode())
+
+
+async def run_embedded(
+    uri: str,
+    options: dict[str, str],
+    mountpoint: Path,
+    state: Path,
+    store_factory,
+    opts: MountOptions,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Master + worker + FUSE client in this process, talking over loopback RPC."""
+    from cachefs.master.service import run_master
+    from cachefs.worker.service import run_worker
+
+    parse_uri(uri, options)
+    check_mountpoint(mountpoint)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    async with trio.open_nursery() as nursery:
+        master = await nursery.start(run_master, ("127.0.0.1", 0), state / "master")
+        await ensure_embedded_dataset(master, uri, options)
+        store = store_factory(state / "worker")
+        try:
+            await nursery.start(run_worker, master, ("127.0.0.1", 0), store)
+            await nursery.start(
+                _serve_then_stop, nursery, EMBEDDED_DATASET, master, mountpoint, opts
+            )
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            nursery.cancel_scope.cancel()
+            store.close()
+
+
+async def _serve_then_stop(scope_owner, dataset, master, mountpoint, opts, *, task_status):
+    """Serves the mount; when it is unmounted, stops everything else in the process too."""
+    try:
+        await serve_mount(dataset, master, mountpoint, opts, task_status=task_status)
+    finally:
+        scope_owner.cancel_scope.cancel()
+
+
+async def run_cluster_mount(
+    dataset: str,
+    master,
+    mountpoint: Path,
+    opts: MountOptions,
+    *,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_serve_then_stop, nursery, dataset, master, mountpoint, opts)
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def run_foreground(serve, mountpoint: Path) -> None:
+    """Runs a mount until it is unmounted or the process gets SIGINT/SIGTERM (which unmount)."""
+    pidfile = pid_file(mountpoint)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_then_stop(task_status):
+                try:
+                    await serve(task_status=task_status)
+                finally:  # unmounted from outside: the process is done
+                    nursery.cancel_scope.cancel()
+
+            await nursery.start(serve_then_stop)
+            pidfile.write_text(str(os.getpid()))  # noqa: ASYNC240 - tiny local file
+            print(f"cachefs mounted on {mountpoint}", flush=True)
+
+            async def stop_on_signal():
+                async for _ in signals:
+                    pyfuse3.terminate()  # main() returns, close() unmounts, the rest stops
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await trio.sleep_forever()
+    pidfile.unlink(missing_ok=True)
+
+
+# ---- the background daemon and umount ----------------------------------------------------
+
+
+def spawn_background(argv: list[str], mountpoint: Path, log_path: Path) -> None:
+    """Starts `cachefs mount ... -f` detached and returns once the mount answers."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cachefs.cli", *argv, "--foreground"],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+            raise CacheFsError(tail[0].removeprefix("cachefs: error: ") if tail else "mount failed")
+        if os.path.ismount(mountpoint) and pid_file(mountpoint).exists():
+            return
+        time.sleep(0.05)  # polling the kernel's mount table; there is no event to wait on
+    proc.kill()
+    raise CacheFsError(f"mount of {mountpoint} did not become ready in {READY_TIMEOUT:.0f}s")
+
+
+def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
+    """Unmounts and waits until the serving process has exited."""
+    if not os.path.ismount(mountpoint):
+        raise InvalidArgument(f"{mountpoint} is not mounted")
+    pidfile = pid_file(mountpoint)
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CacheFsError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)  # waiting for another process to exit: no event to wait on
+    pidfile.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (our own child) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False

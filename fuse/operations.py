@@ -1,0 +1,176 @@
+"""pyfuse3 Operations over `Vfs`: argument translation and the errno boundary.
+
+This is the only place where exceptions become errnos: a `CacheFsError` carries its own errno,
+a blown deadline is ETIMEDOUT, anything else is logged and answered EIO. Every operation runs
+under a deadline, so a stuck peer can never hang a reader in the kernel.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from cachefs.errors import CacheFsError
+from cachefs.fuse.vfs import Vfs
+from cachefs.meta import Attr
+
+log = logging.getLogger("cachefs.fuse")
+
+FILE_MODE = stat.S_IFREG | 0o444
+DIR_MODE = stat.S_IFDIR | 0o555
+
+
+def _errno_boundary(func):
+    @functools.wraps(func)
+    async def wrapper(self: CacheFsOperations, *args):
+        try:
+            with trio.fail_after(self.op_timeout):
+                return await func(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except CacheFsError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODATA, errno.EROFS):
+                log.warning("%s failed: %s", func.__name__, exc.message)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except trio.TooSlowError:
+            log.warning("%s exceeded its %.0fs deadline", func.__name__, self.op_timeout)
+            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", func.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+async def _read_only(*_args) -> None:
+    raise pyfuse3.FUSEError(errno.EROFS)
+
+
+class CacheFsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        vfs: Vfs,
+        *,
+        entry_timeout: float = 3600.0,
+        attr_timeout: float = 3600.0,
+        op_timeout: float = 60.0,
+    ):
+        super().__init__()
+        self.vfs = vfs
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.op_timeout = op_timeout
+        self._uid, self._gid = os.getuid(), os.getgid()
+
+    # ---- translation ---------------------------------------------------------------------
+
+    def _to_fuse(self, ino: int) -> int:
+        return pyfuse3.ROOT_INODE if ino == self.vfs.root.ino else ino
+
+    def _from_fuse(self, ino: int) -> int:
+        return self.vfs.root.ino if ino == pyfuse3.ROOT_INODE else ino
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._to_fuse(attr.ino)
+        entry.generation = 0
+        entry.entry_timeout = self.entry_timeout
+        entry.attr_timeout = self.attr_timeout
+        entry.st_mode = DIR_MODE if attr.is_dir else FILE_MODE
+        entry.st_nlink = 2 if attr.is_dir else 1
+        entry.st_uid, entry.st_gid = self._uid, self._gid
+        entry.st_rdev = 0
+        entry.st_size = attr.size
+        entry.st_blksize = 1 << 20
+        entry.st_blocks = (attr.size + 511) // 512
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = attr.mtime_ns
+        return entry
+
+    # ---- metadata ------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def lookup(self, parent_inode, name, ctx=None):
+        attr = await self.vfs.lookup(self._from_fuse(parent_inode), os.fsdecode(name))
+        return self._entry(attr)
+
+    @_errno_boundary
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self.vfs.getattr(self._from_fuse(inode)))
+
+    async def forget(self, inode_list):
+        self.vfs.forget([(self._from_fuse(ino), n) for ino, n in inode_list])
+
+    @_errno_boundary
+    async def opendir(self, inode, ctx):
+        return await self.vfs.opendir(self._from_fuse(inode))
+
+    @_errno_boundary
+    async def readdir(self, fh, start_id, token):
+        while True:
+            page = await self.vfs.readdir(fh, start_id)
+            if not page:
+                return
+            for name, attr, next_id in page:
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(attr), next_id):
+                    return
+                self.vfs.readdir_accepted(fh, name, attr)
+                start_id = next_id
+
+    @_errno_boundary
+    async def releasedir(self, fh):
+        self.vfs.releasedir(fh)
+
+    @_errno_boundary
+    async def statfs(self, ctx):
+        stats = await self.vfs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_blocks = (stats["bytes"] + 4095) // 4096
+        out.f_bfree = out.f_bavail = 0
+        out.f_files = stats["files"] + stats["dirs"]
+        out.f_ffree = out.f_favail = 0
+        out.f_namemax = 255
+        return out
+
+    @_errno_boundary
+    async def access(self, inode, mode, ctx):
+        self.vfs.access(self._from_fuse(inode), mode)
+        return True
+
+    @_errno_boundary
+    async def listxattr(self, inode, ctx):
+        return [name.encode() for name in self.vfs.listxattr(self._from_fuse(inode))]
+
+    @_errno_boundary
+    async def getxattr(self, inode, name, ctx):
+        return await self.vfs.getxattr(self._from_fuse(inode), os.fsdecode(name))
+
+    # ---- data ----------------------------------------------------------------------------
+
+    @_errno_boundary
+    async def open(self, inode, flags, ctx):
+        fh = await self.vfs.open(self._from_fuse(inode), flags)
+        # The dataset is a snapshot: pages stay valid across opens (keep_cache).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_errno_boundary
+    async def read(self, fh, off, size):
+        return await self.vfs.read(fh, off, size)
+
+    @_errno_boundary
+    async def release(self, fh):
+        self.vfs.release(fh)
+
+    # ---- everything that would write -----------------------------------------------------
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    create = write = setxattr = removexattr = _read_only

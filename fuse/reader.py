@@ -1,0 +1,241 @@
+"""The client's data path: which worker to ask, fallbacks, whole-file and block reads.
+
+Order of sources for a file: its rendezvous owner, then the next-ranked live workers, then the
+remote store directly, so a dead worker costs latency, not errors. A worker that fails is
+skipped for `SUSPECT_SECONDS` so every read does not pay for the same dead peer again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cachefs import placement
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
+from cachefs.meta import Attr, cache_key
+from cachefs.rpc import RpcClient
+from cachefs.ufs import RemoteStore
+
+log = logging.getLogger("cachefs.fuse.reader")
+
+BLOCK_SIZE = 4 << 20  # the workers' block size: files above it are read in blocks
+SUSPECT_SECONDS = 5.0
+WORKER_CALL_TIMEOUT = 20.0
+READAHEAD_BLOCKS = 2
+HANDLE_BLOCKS = 4  # blocks a handle keeps (current + readahead)
+
+
+class WorkerDirectory:
+    """The live workers (refreshed from the master) and one RPC client per worker."""
+
+    def __init__(
+        self,
+        master: RpcClient,
+        *,
+        secret: bytes | None = None,
+        refresh: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.master = master
+        self.secret = secret
+        self.refresh = refresh
+        self.epoch = -1
+        self.workers: dict[str, str] = {}  # id -> address
+        # id -> (address, client, the scope that keeps the client open)
+        self._clients: dict[str, tuple[str, RpcClient, trio.CancelScope]] = {}
+        self._suspect_until: dict[str, float] = {}
+        self._clock = clock
+        self._nursery_cm = trio.open_nursery()
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self):
+        # Each worker client lives in a task of this nursery, so whichever task first needs
+        # a client, the client's own connection tasks are owned here.
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(*exc)
+
+    async def update(self) -> None:
+        reply = await self.master.call("workers")
+        self.epoch = reply["epoch"]
+        self.workers = {w["id"]: w["address"] for w in reply["workers"]}
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keeps the worker list fresh; runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.refresh)
+            try:
+                await self.update()
+            except CacheFsError as exc:
+                log.warning("cannot refresh the worker list: %s", exc.message)
+
+    def ranked(self, key: bytes) -> list[str]:
+        """Live workers for a key, owner first; suspects go last rather than away."""
+        order = placement.rank(key, list(self.workers))
+        now = self._clock()
+        healthy = [w for w in order if self._suspect_until.get(w, 0) <= now]
+        return healthy + [w for w in order if w not in healthy]
+
+    def suspect(self, worker_id: str) -> None:
+        self._suspect_until[worker_id] = self._clock() + SUSPECT_SECONDS
+
+    async def client(self, worker_id: str) -> RpcClient:
+        address = self.workers[worker_id]
+        known = self._clients.get(worker_id)
+        if known is None or known[0] != address:  # new, or restarted on another port
+            if known is not None:
+                known[2].cancel()
+            client, scope = await self._nursery.start(self._hold_client, worker_id, address)
+            known = self._clients[worker_id] = (address, client, scope)
+        return known[1]
+
+    async def _hold_client(self, worker_id: str, address: str, *, task_status) -> None:
+        with trio.CancelScope() as scope:
+            async with RpcClient(
+                address, secret=self.secret, pool_size=2, timeout=WORKER_CALL_TIMEOUT,
+                name=f"worker {worker_id}",
+            ) as client:  # fmt: skip
+                task_status.started((client, scope))
+                await trio.sleep_forever()
+
+
+class DataReader:
+    """Reads byte ranges of one dataset's files through the workers."""
+
+    def __init__(
+        self,
+        dataset: str,
+        workers: WorkerDirectory,
+        direct: Callable[[], Awaitable[RemoteStore]],
+    ):
+        self.dataset = dataset
+        self.workers = workers
+        self._direct = direct
+        self.direct_reads = 0
+
+    def key(self, path: str, attr: Attr) -> bytes:
+        return cache_key(self.dataset, path, attr.size, attr.mtime_ns, attr.etag)
+
+    async def read(self, path: str, attr: Attr, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of this version of the file, from the best source."""
+        key = self.key(path, attr)
+        for worker_id in self.workers.ranked(key):
+            try:
+                client = await self.workers.client(worker_id)
+                _, data = await client.call_with_payload(
+                    "read", dataset=self.dataset, path=path, size=attr.size,
+                    mtime_ns=attr.mtime_ns, etag=attr.etag, offset=offset, length=length,
+                )  # fmt: skip
+                return data
+            except (Unavailable, KeyError) as exc:  # KeyError: the worker left meanwhile
+                log.info("worker %s failed (%s); trying the next source", worker_id, exc)
+                self.workers.suspect(worker_id)
+            except (NotFound, InvalidArgument):
+                raise
+            except CacheFsError as exc:
+                # A worker-side failure (e.g. remote error during its fill): the next source
+                # may still succeed, and the direct read reports the real remote error.
+                log.info("worker %s could not serve %s: %s", worker_id, path, exc.message)
+        self.direct_reads += 1
+        remote = await self._direct()
+        return await remote.read_range(path, offset, length)
+
+    async def cached_bytes(self, path: str, attr: Attr) -> tuple[int, str | None]:
+        """(bytes of this file in the owner's cache, owner id) — for the xattrs."""
+        ranked = self.workers.ranked(self.key(path, attr))
+        if not ranked:
+            return 0, None
+        client = await self.workers.client(ranked[0])
+        cached = await client.call(
+            "cached", dataset=self.dataset, path=path, size=attr.size,
+            mtime_ns=attr.mtime_ns, etag=attr.etag,
+        )  # fmt: skip
+        return cached, ranked[0]
+
+
+class FileReader:
+    """Per open file: the whole file for small ones, a few blocks with readahead for large."""
+
+    def __init__(self, reader: DataReader, path: str, attr: Attr, nursery: trio.Nursery):
+        self.reader = reader
+        self.path = path
+        self.attr = attr
+        self._nursery = nursery
+        self._blocks: dict[int, _Block] = {}
+        self._next_expected = 0
+
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.attr.size)
+        if offset >= end:
+            return b""
+        if self.attr.size <= BLOCK_SIZE:  # one "block": the whole file, fetched once
+            data = await self._block(0)
+            return data[offset:end]
+        first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        sequential = offset == self._next_expected
+        self._next_expected = end
+        if sequential:
+            for i in range(last + 1, last + 1 + READAHEAD_BLOCKS):
+                if i * BLOCK_SIZE < self.attr.size:
+                    self._start(i)
+        parts = []
+        for i in range(first, last + 1):
+            block = await self._block(i)
+            start = i * BLOCK_SIZE
+            parts.append(block[max(offset, start) - start : end - start])
+        self._trim(first)
+        return b"".join(parts)
+
+    def _start(self, index: int) -> _Block:
+        block = self._blocks.get(index)
+        if block is None:
+            block = self._blocks[index] = _Block()
+            start = index * BLOCK_SIZE
+            length = min(BLOCK_SIZE, self.attr.size - start)
+            self._nursery.start_soon(block.fetch, self.reader, self.path, self.attr, start, length)
+        return block
+
+    async def _block(self, index: int) -> bytes:
+        block = self._start(index)
+        await block.done.wait()
+        if block.error is not None:
+            del self._blocks[index]  # let the next read try again
+            raise block.error
+        return block.data
+
+    def _trim(self, current: int) -> None:
+        if len(self._blocks) > HANDLE_BLOCKS:
+            for index in sorted(self._blocks, key=lambda i: (i >= current, i))[
+                : len(self._blocks) - HANDLE_BLOCKS
+            ]:
+                if self._blocks[index].done.is_set():
+                    del self._blocks[index]
+
+
+class _Block:
+    """One fetch shared by every read that needs the block (runs in the client's nursery)."""
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.data = b""
+        self.error: CacheFsError | None = None
+
+    async def fetch(self, reader: DataReader, path: str, attr: Attr, offset: int, length: int):
+        try:
+            self.data = await reader.read(path, attr, offset, length)
+            if len(self.data) != length:
+                raise CacheFsError(f"short read of {path}: {len(self.data)} of {length} bytes")
+        except CacheFsError as exc:
+            self.error = exc
+        except Exception as exc:  # a bug: surface as EIO, keep the file system alive
+            log.exception("reading %s failed", path)
+            self.error = CacheFsError(f"reading {path} failed: {exc!r}")
+        finally:
+            self.done.set()
