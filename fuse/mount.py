@@ -144,7 +144,6 @@ async def run_embedded(
 
     parse_uri(uri, options)
     check_mountpoint(mountpoint)
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
     async with trio.open_nursery() as nursery:
         master = await nursery.start(run_master, ("127.0.0.1", 0), state / "master")
         await ensure_embedded_dataset(master, uri, options)
