@@ -42,14 +42,27 @@ def _errors_to_exit(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
-        except InvalidArgument as exc:
-            _fail(exc.message, 2)
-        except CacheFsError as exc:
-            _fail(exc.message, 1)
+        except (CacheFsError, BaseExceptionGroup) as exc:
+            error = _cachefs_error(exc)
+            if error is None:
+                raise
+            _fail(error.message, 2 if isinstance(error, InvalidArgument) else 1)
         except KeyboardInterrupt:
             sys.exit(130)
 
     return wrapper
+
+
+def _cachefs_error(exc: BaseException) -> CacheFsError | None:
+    """The CacheFsError behind an exception, looking inside trio's exception groups."""
+    if isinstance(exc, CacheFsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _cachefs_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
