@@ -16,7 +16,7 @@ fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 log=$(mktemp)
 # Editable install: the top-level master/ worker/ fuse/ folders map to cachefs.master etc.
-.venv/bin/pip install -q -e ".[test${CACHEFS_EXTRAS:+,$CACHEFS_EXTRAS}]" >"$log" 2>&1 \
+.venv/bin/pip install -q -e ".[test,torch]" >"$log" 2>&1 \
     || { cat "$log"; exit 1; }
 rm -f "$log"
 .venv/bin/python -c 'import cachefs.master, cachefs.worker, cachefs.fuse, pyfuse3'
