@@ -236,8 +236,8 @@ def mount(
         parse_uri(source, uri_options)
     state_base = Path(state or Path.home() / ".cache" / "cachefs").expanduser().resolve()
     if not foreground:
-        argv = [a for a in sys.argv[1:]]
-        log_path = mounting.runtime_dir() / f"mount-{mountpoint_path.name}.log"
+        argv = sys.argv[1:]
+        log_path = mounting.pid_file(mountpoint_path).with_suffix(".log")
         mounting.spawn_background(argv, mountpoint_path, log_path)
         click.echo(f"cachefs: {source} mounted on {mountpoint_path} (log: {log_path})")
         return

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
-# The newcomer's first command: install, make a small rawframes-like sample (or use the URI
-# given as $1), start a master, register the dataset and show what cachefs sees.
+# The newcomer's first command: install, make a small rawframes-like sample (or take the URI
+# given as $1), mount it read-only in embedded mode (master + worker + FUSE client in one
+# process), and read it twice: cold (fetched from the store) and again (served by the cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-work=${CACHEFS_DEMO_DIR:-$(mktemp -d /tmp/cachefs-demo.XXXXXX)}
+work=${CACHEFS_DEMO_DIR:-/tmp/cachefs-demo}
+mnt=$work/mnt
+mkdir -p "$mnt"
+if mountpoint -q "$mnt"; then .venv/bin/cachefs umount "$mnt"; fi
 uri=${1:-}
 if [ -z "$uri" ]; then
-    .venv/bin/python -m cachefs.sample "$work/sample" --videos 50
+    [ -d "$work/sample" ] || .venv/bin/python -m cachefs.sample "$work/sample" --videos 200
     uri="file://$work/sample"
 fi
-port=${CACHEFS_DEMO_PORT:-19471}
-.venv/bin/cachefs master --listen "127.0.0.1:$port" --state "$work/master" >"$work/master.out" 2>"$work/master.log" &
-master_pid=$!
-trap 'kill $master_pid 2>/dev/null; wait $master_pid 2>/dev/null || true' EXIT
-until grep -q "listening on" "$work/master.out" 2>/dev/null; do
-    kill -0 $master_pid 2>/dev/null || { cat "$work/master.log"; exit 1; }
-    sleep 0.1
-done
-export CACHEFS_MASTER=127.0.0.1:$port
-.venv/bin/cachefs dataset add demo "$uri"
-.venv/bin/cachefs status
-echo "state and logs in $work"
+shift || true
+.venv/bin/cachefs mount "$uri" "$mnt" --state "$work/state" --mem 512M "$@"
+echo "--- $mnt:"
+ls "$mnt" | head -5
+.venv/bin/python - "$mnt" <<'PY'
+import os, sys, time
+root = sys.argv[1]
+paths = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+for label in ("first read (remote store)", "second read (page cache)"):
+    start = time.perf_counter()
+    total = sum(len(open(p, "rb").read()) for p in paths)
+    took = time.perf_counter() - start
+    print(f"{label}: {len(paths)} files, {total / 2**20:.1f} MiB in {took:.2f}s "
+          f"({len(paths) / took:.0f} files/s)")
+print("cached bytes of one file:", os.getxattr(paths[0], "user.cachefs.cached").decode())
+PY
+echo "mounted on $mnt — unmount with: .venv/bin/cachefs umount $mnt"
