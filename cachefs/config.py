@@ -42,8 +42,12 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * unit)
 
 
-def parse_address(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """'host:port', ':port' or '[v6]:port' -> (host, port)."""
+def parse_address(
+    text: str | tuple[str, int], *, default_host: str = "127.0.0.1"
+) -> tuple[str, int]:
+    """'host:port', ':port', '[v6]:port' or (host, port) -> (host, port)."""
+    if isinstance(text, tuple):
+        return text[0], int(text[1])
     match = re.fullmatch(r"\[?([^\]]*?)\]?:(\d+)", text.strip())
     if not match:
         raise InvalidArgument(f"invalid address {text!r} (expected HOST:PORT)")

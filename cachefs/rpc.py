@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from cachefs import errors
+from cachefs.config import parse_address
 from cachefs.protocol import (
     COPY_LIMIT,
     MAX_FRAME,
@@ -79,16 +80,6 @@ class _LinkLost(Exception):
 
     def __init__(self, error: errors.CacheFsError):
         self.error = error
-
-
-def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` -> ``(host, port)``."""
-    if isinstance(address, tuple):
-        return address[0], int(address[1])
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise errors.InvalidArgument(f"bad address {address!r}: expected HOST:PORT")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def _label(host: str, port: int) -> str:

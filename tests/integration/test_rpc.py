@@ -12,7 +12,8 @@ import trio
 import trio.testing
 
 from cachefs import errors, protocol
-from cachefs.rpc import Reply, RpcClient, RpcServer, parse_address
+from cachefs.config import parse_address
+from cachefs.rpc import Reply, RpcClient, RpcServer
 
 
 class Handler:
