@@ -327,6 +327,12 @@ def shuffled_orders(n_files: int, clients: int, seed: int) -> list[list[int]]:
     return orders
 
 
+def host_busy() -> float:
+    """CPU seconds the whole host has spent busy (all cores), from /proc/stat."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
 def measure_size(
     load: LoadGenerators,
     worker_address: str,
@@ -337,34 +343,56 @@ def measure_size(
     *,
     clients: int,
     seconds: float,
+    repeat: int,
 ) -> dict:
+    """`repeat` alternating cachefs / local runs; the median run of each kind is reported."""
     orders = shuffled_orders(len(entries), clients, seed=size)
     common = {"entries": entries, "seconds": seconds}
     proc = psutil.Process(worker_pid)
+    rpc_runs, local_runs = [], []
+    for _ in range(repeat):
+        before = worker_stats(worker_address)
+        cpu0, host0 = sum(proc.cpu_times()[:2]), host_busy()
+        rpc = load.run("rpc", orders, address=worker_address, **common)
+        rpc["worker_cpu"] = sum(proc.cpu_times()[:2]) - cpu0
+        rpc["other_cpu"] = host_busy() - host0 - rpc["worker_cpu"] - rpc["cpu"]
+        after = worker_stats(worker_address)
+        calls = rpc["ops"] + rpc["untimed"]
+        deltas = {k: after[k] - before[k] for k in ("hits", "misses", "remote_reads")}
+        if rpc["not_hit"] or deltas != {"hits": calls, "misses": 0, "remote_reads": 0}:
+            raise AssertionError(
+                f"{human(size)}: timed pass was not all hits: {calls} reads, {rpc['not_hit']} "
+                f"replies said miss, worker stats deltas {deltas}"
+            )
+        rpc_runs.append(rpc)
 
-    before = worker_stats(worker_address)
-    cpu0 = sum(proc.cpu_times()[:2])
-    rpc = load.run("rpc", orders, address=worker_address, **common)
-    worker_cpu = sum(proc.cpu_times()[:2]) - cpu0
-    after = worker_stats(worker_address)
-    calls = rpc["ops"] + rpc["untimed"]
-    deltas = {k: after[k] - before[k] for k in ("hits", "misses", "remote_reads")}
-    if rpc["not_hit"] or deltas != {"hits": calls, "misses": 0, "remote_reads": 0}:
-        raise AssertionError(
-            f"{human(size)}: timed pass was not all hits: {calls} reads, {rpc['not_hit']} "
-            f"replies said miss, worker stats deltas {deltas}"
-        )
+        host0 = host_busy()
+        local = load.run("local", orders, root=str(root), **common)
+        local["other_cpu"] = host_busy() - host0 - local["cpu"]
+        local_runs.append(local)
 
-    local = load.run("local", orders, root=str(root), **common)
+    def median(runs: list[dict]) -> dict:
+        return sorted(runs, key=lambda r: r["ops"] / r["seconds"])[(len(runs) - 1) // 2]
+
+    def spread(runs: list[dict]) -> tuple[float, float]:
+        rates = [r["ops"] / r["seconds"] for r in runs]
+        return min(rates), max(rates)
+
+    rpc, local = median(rpc_runs), median(local_runs)
     return {
         "size": size,
         "files": len(entries),
         "rpc_ops": rpc["ops"] / rpc["seconds"],
         "rpc_mib": rpc["bytes"] / rpc["seconds"] / MiB,
-        "worker_cpu": worker_cpu / rpc["seconds"],
+        "rpc_spread": spread(rpc_runs),
+        "worker_cpu": rpc["worker_cpu"] / rpc["seconds"],
         "load_cpu": rpc["cpu"] / rpc["seconds"],
+        "other_cpu": rpc["other_cpu"] / rpc["seconds"],
         "local_ops": local["ops"] / local["seconds"],
         "local_mib": local["bytes"] / local["seconds"] / MiB,
+        "local_spread": spread(local_runs),
+        "local_cpu": local["cpu"] / local["seconds"],
+        "local_other_cpu": local["other_cpu"] / local["seconds"],
     }
 
 
@@ -395,16 +423,22 @@ def lognormal_fill(capacity: int, slab_size: int, seed: int = 1) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| object size | files | cachefs ops/s | cachefs MiB/s | local ops/s | local MiB/s "
-        "| cachefs / local | worker CPU | load CPU (2 procs) |",
+        "| object size | files | cachefs ops/s (min-max) | cachefs MiB/s "
+        "| local ops/s (min-max) | local MiB/s | cachefs / local "
+        "| CPU in cachefs run: worker / load gen / rest of host "
+        "| CPU in local run: readers / rest of host |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        lo, hi = r["rpc_spread"]
+        llo, lhi = r["local_spread"]
         lines.append(
-            f"| {human(r['size'])} | {r['files']:,} | {r['rpc_ops']:,.0f} | {r['rpc_mib']:,.0f} "
-            f"| {r['local_ops']:,.0f} | {r['local_mib']:,.0f} "
-            f"| {r['rpc_ops'] / r['local_ops']:.2f} "
-            f"| {r['worker_cpu']:.0%} | {r['load_cpu']:.0%} |"
+            f"| {human(r['size'])} | {r['files']:,} "
+            f"| {r['rpc_ops']:,.0f} ({lo:,.0f}-{hi:,.0f}) | {r['rpc_mib']:,.0f} "
+            f"| {r['local_ops']:,.0f} ({llo:,.0f}-{lhi:,.0f}) | {r['local_mib']:,.0f} "
+            f"| {r['rpc_ops'] / r['local_ops']:.3f} "
+            f"| {r['worker_cpu']:.0%} / {r['load_cpu']:.0%} / {r['other_cpu']:.0%} "
+            f"| {r['local_cpu']:.0%} / {r['local_other_cpu']:.0%} |"
         )
     return "\n".join(lines)
 
@@ -439,6 +473,7 @@ def main() -> None:
         "--mix", nargs="+", default=None, help=f"SIZE:COUNT files (default {' '.join(DEFAULT_MIX)})"
     )
     parser.add_argument("--seconds", type=float, default=None, help="per timed run (default 5)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size (median shown)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent readers")
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--mem", default="1G", help="the worker's MEM tier")
@@ -489,7 +524,7 @@ def main() -> None:
             rows.append(
                 measure_size(
                     load, worker.address, worker.proc.pid, source, size, entries[size],
-                    clients=args.clients, seconds=seconds,
+                    clients=args.clients, seconds=seconds, repeat=args.repeat,
                 )
             )  # fmt: skip
             print(table(rows[-1:]), flush=True)
@@ -512,20 +547,24 @@ def main() -> None:
     print(text)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.results:
-        argv = list(sys.argv[1:])
+        argv = [a for a in sys.argv[1:] if not a.startswith("--results=")]
         if "--results" in argv:
             del argv[argv.index("--results") : argv.index("--results") + 2]
         command = shlex.join(["python", "benchmarks/bench_worker.py", *argv])
         cores = os.cpu_count()
         note = (
             f"Measured {time.strftime('%Y-%m-%d')} on {cores} cores with `{command}`: "
-            f"{seconds:g} s per run. Master, worker and load generator share the {cores} cores. "
-            f"cachefs = {args.clients} clients over loopback RPC from {args.procs} processes "
+            f"{args.repeat} runs of {seconds:g} s per size and kind, median shown with the "
+            f"range. Master, worker and load generator share the {cores} cores. cachefs = "
+            f"{args.clients} clients over loopback RPC from {args.procs} processes "
             f"({args.clients // args.procs} trio tasks each, one `RpcClient` with one connection "
-            "per task, one call in flight per client), every read a MEM-tier hit (checked with "
-            "the worker's stats). local = the same layout with threads doing open/read/close "
-            "on the same files in the same order, page cache warm. CPU columns: share of one "
-            "core during the cachefs run."
+            "per task, so one call in flight per client), every read a MEM-tier hit (checked "
+            "with the worker's stats); local = the same layout with threads doing "
+            "open/read/close on the same files in the same order, page cache warm (a memory "
+            "copy, not disk I/O). CPU columns are in % of one core (the host has "
+            f'{cores * 100}%); "rest of host" is everything else the host ran meanwhile: '
+            "the master, kernel work not charged to a process, and any other program, so a "
+            "large value there means the run was disturbed."
         )
         replace_section(args.results, "Worker (bench_worker.py)", note + "\n\n" + text)
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import signal
 import threading
+import time
 
+import pytest
+
+from cachefs.fuse.mount import pid_file
 from tests.fuse.conftest import make_files, read_all
 from tests.procs import master_process, run_cli, worker_process
 
@@ -71,3 +78,44 @@ def test_pytorch_dataloader_reads_every_file(mounts, tmp_path):
     for names, sums in loader:
         seen.update(zip(names, sums, strict=True))
     assert seen == digests
+
+
+def test_hung_worker_costs_a_deadline_not_a_hang(mounts, tmp_path):
+    """SIGSTOP the only worker: a read fails with ETIMEDOUT at --op-timeout instead of hanging."""
+    source = tmp_path / "source"
+    make_files(source, 20, seed=5)
+    master = master_process(tmp_path)
+    master.start()
+    worker = worker_process(tmp_path, master.address, "w1", "64M")
+    try:
+        worker.start()
+        added = run_cli("dataset", "add", "ds", source.as_uri(), "--master", master.address)
+        assert added.returncode == 0, added.stderr
+        mnt = mounts.mount("ds", "--master", master.address, "--op-timeout", "3")
+        rel = "c000/v00000/f1.bin"
+        assert (mnt / rel).read_bytes() == (source / rel).read_bytes()
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OSError) as info:
+                (mnt / "c000/v00000/f2.bin").read_bytes()
+            assert info.value.errno == errno.ETIMEDOUT
+            assert time.monotonic() - started < 15
+        finally:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    finally:
+        worker.stop()
+        master.stop()
+
+
+def test_sigterm_unmounts_cleanly(mounts, tmp_path):
+    source = tmp_path / "source"
+    make_files(source, 10, seed=6)
+    mnt = mounts.embedded(source.as_uri())
+    pid = int(pid_file(mnt).read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.05)  # waiting for another process to exit: no event to wait on
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not os.path.ismount(mnt)
