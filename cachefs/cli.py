@@ -201,6 +201,7 @@ def worker(master_addr, listen, advertise, state, mem, disk, disk_size, host_id,
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="URI option")
 @click.option("--attr-timeout", default=3600.0, show_default=True, help="kernel attr/entry cache s")
 @click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
+@click.option("--allow-other", is_flag=True, help="let other users read the mount")
 @secret_option
 @_errors_to_exit
 def mount(
@@ -215,6 +216,7 @@ def mount(
     options,
     attr_timeout,
     op_timeout,
+    allow_other,
     secret_file,
 ):
     """Mount SOURCE read-only on MOUNTPOINT.
@@ -243,7 +245,7 @@ def mount(
         return
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
-        secret=read_secret(secret_file),
+        allow_other=allow_other, secret=read_secret(secret_file),
     )  # fmt: skip
     if embedded:
         from cachefs.worker.store import BlockStore

@@ -35,7 +35,7 @@ class MountOptions:
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
     op_timeout: float = 60.0
-    allow_other: bool = True
+    allow_other: bool = False  # other users may read the mount only on request
     secret: bytes | None = None
 
 
@@ -59,7 +59,7 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 def _fuse_options(opts: MountOptions) -> set[str]:
     options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs", "ro"}
-    if opts.allow_other and os.getuid() == 0:
+    if opts.allow_other:
         options.add("allow_other")
     return options
 
