@@ -4,6 +4,7 @@ the background daemon started by `cachefs mount`, and `cachefs umount`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -19,10 +20,11 @@ import xxhash
 
 from cachefs.errors import AlreadyExists, CacheFsError, InvalidArgument, NotFound
 from cachefs.fuse.operations import CacheFsOperations
-from cachefs.fuse.reader import DataReader, WorkerDirectory
+from cachefs.fuse.reader import DataReader
 from cachefs.fuse.vfs import Vfs
 from cachefs.rpc import RpcClient
 from cachefs.ufs import RemoteStore, parse_uri
+from cachefs.workers import WorkerDirectory
 
 log = logging.getLogger("cachefs.fuse.mount")
 
@@ -76,7 +78,7 @@ async def serve_mount(
     check_mountpoint(mountpoint)
     async with (
         RpcClient(master_address, secret=opts.secret, name="master") as master,
-        WorkerDirectory(master, secret=opts.secret) as workers,
+        WorkerDirectory(functools.partial(master.call, "workers"), secret=opts.secret) as workers,
         trio.open_nursery() as nursery,
     ):
         await workers.update()

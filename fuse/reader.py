@@ -1,109 +1,26 @@
 """The client's data path: which worker to ask, fallbacks, whole-file and block reads.
 
 Order of sources for a file: its rendezvous owner, then the next-ranked live workers, then the
-remote store directly, so a dead worker costs latency, not errors. A worker that fails is
-skipped for `SUSPECT_SECONDS` so every read does not pay for the same dead peer again.
+remote store directly, so a dead worker costs latency, not errors.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
-from cachefs import placement
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.meta import Attr, cache_key
-from cachefs.rpc import RpcClient
 from cachefs.ufs import RemoteStore
+from cachefs.workers import WorkerDirectory
 
 log = logging.getLogger("cachefs.fuse.reader")
 
 BLOCK_SIZE = 4 << 20  # the workers' block size: files above it are read in blocks
-SUSPECT_SECONDS = 5.0
-WORKER_CALL_TIMEOUT = 20.0
 READAHEAD_BLOCKS = 2
 HANDLE_BLOCKS = 4  # blocks a handle keeps (current + readahead)
-
-
-class WorkerDirectory:
-    """The live workers (refreshed from the master) and one RPC client per worker."""
-
-    def __init__(
-        self,
-        master: RpcClient,
-        *,
-        secret: bytes | None = None,
-        refresh: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.master = master
-        self.secret = secret
-        self.refresh = refresh
-        self.epoch = -1
-        self.workers: dict[str, str] = {}  # id -> address
-        # id -> (address, client, the scope that keeps the client open)
-        self._clients: dict[str, tuple[str, RpcClient, trio.CancelScope]] = {}
-        self._suspect_until: dict[str, float] = {}
-        self._clock = clock
-        self._nursery_cm = trio.open_nursery()
-        self._nursery: trio.Nursery | None = None
-
-    async def __aenter__(self):
-        # Each worker client lives in a task of this nursery, so whichever task first needs
-        # a client, the client's own connection tasks are owned here.
-        self._nursery = await self._nursery_cm.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc):
-        self._nursery.cancel_scope.cancel()
-        return await self._nursery_cm.__aexit__(*exc)
-
-    async def update(self) -> None:
-        reply = await self.master.call("workers")
-        self.epoch = reply["epoch"]
-        self.workers = {w["id"]: w["address"] for w in reply["workers"]}
-
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keeps the worker list fresh; runs until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(self.refresh)
-            try:
-                await self.update()
-            except CacheFsError as exc:
-                log.warning("cannot refresh the worker list: %s", exc.message)
-
-    def ranked(self, key: bytes) -> list[str]:
-        """Live workers for a key, owner first; suspects go last rather than away."""
-        order = placement.rank(key, list(self.workers))
-        now = self._clock()
-        healthy = [w for w in order if self._suspect_until.get(w, 0) <= now]
-        return healthy + [w for w in order if w not in healthy]
-
-    def suspect(self, worker_id: str) -> None:
-        self._suspect_until[worker_id] = self._clock() + SUSPECT_SECONDS
-
-    async def client(self, worker_id: str) -> RpcClient:
-        address = self.workers[worker_id]
-        known = self._clients.get(worker_id)
-        if known is None or known[0] != address:  # new, or restarted on another port
-            if known is not None:
-                known[2].cancel()
-            client, scope = await self._nursery.start(self._hold_client, worker_id, address)
-            known = self._clients[worker_id] = (address, client, scope)
-        return known[1]
-
-    async def _hold_client(self, worker_id: str, address: str, *, task_status) -> None:
-        with trio.CancelScope() as scope:
-            async with RpcClient(
-                address, secret=self.secret, pool_size=2, timeout=WORKER_CALL_TIMEOUT,
-                name=f"worker {worker_id}",
-            ) as client:  # fmt: skip
-                task_status.started((client, scope))
-                await trio.sleep_forever()
 
 
 class DataReader:

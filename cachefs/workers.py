@@ -1,0 +1,105 @@
+"""Talking to the live workers: membership, rendezvous ranking, one RPC client per worker.
+
+Used by FUSE clients (membership from the master over RPC) and by the master itself (from its
+registry). A worker that fails is ranked last for `SUSPECT_SECONDS`, so every call does not pay
+for the same dead peer again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from cachefs import placement
+from cachefs.errors import CacheFsError
+from cachefs.rpc import RpcClient
+
+log = logging.getLogger("cachefs.workers")
+
+SUSPECT_SECONDS = 5.0
+WORKER_CALL_TIMEOUT = 20.0
+
+
+class WorkerDirectory:
+    """The live workers and one RPC client per worker.
+
+    `fetch()` returns the membership as the master's `workers` call does:
+    {"epoch": N, "workers": [{"id": ..., "address": ...}, ...]}.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[dict]],
+        *,
+        secret: bytes | None = None,
+        refresh: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._fetch = fetch
+        self.secret = secret
+        self.refresh = refresh
+        self.epoch = -1
+        self.workers: dict[str, str] = {}  # id -> address
+        # id -> (address, client, the scope that keeps the client open)
+        self._clients: dict[str, tuple[str, RpcClient, trio.CancelScope]] = {}
+        self._suspect_until: dict[str, float] = {}
+        self._clock = clock
+        self._nursery_cm = trio.open_nursery()
+        self._nursery: trio.Nursery | None = None
+
+    async def __aenter__(self):
+        # Each worker client lives in a task of this nursery, so whichever task first needs
+        # a client, the client's own connection tasks are owned here.
+        self._nursery = await self._nursery_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc):
+        self._nursery.cancel_scope.cancel()
+        return await self._nursery_cm.__aexit__(*exc)
+
+    async def update(self) -> None:
+        reply = await self._fetch()
+        self.epoch = reply["epoch"]
+        self.workers = {w["id"]: w["address"] for w in reply["workers"]}
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Keeps the worker list fresh; runs until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.refresh)
+            try:
+                await self.update()
+            except CacheFsError as exc:
+                log.warning("cannot refresh the worker list: %s", exc.message)
+
+    def ranked(self, key: bytes) -> list[str]:
+        """Live workers for a key, owner first; suspects go last rather than away."""
+        order = placement.rank(key, list(self.workers))
+        now = self._clock()
+        healthy = [w for w in order if self._suspect_until.get(w, 0) <= now]
+        return healthy + [w for w in order if w not in healthy]
+
+    def suspect(self, worker_id: str) -> None:
+        self._suspect_until[worker_id] = self._clock() + SUSPECT_SECONDS
+
+    async def client(self, worker_id: str) -> RpcClient:
+        address = self.workers[worker_id]
+        known = self._clients.get(worker_id)
+        if known is None or known[0] != address:  # new, or restarted on another port
+            if known is not None:
+                known[2].cancel()
+            client, scope = await self._nursery.start(self._hold_client, worker_id, address)
+            known = self._clients[worker_id] = (address, client, scope)
+        return known[1]
+
+    async def _hold_client(self, worker_id: str, address: str, *, task_status) -> None:
+        with trio.CancelScope() as scope:
+            async with RpcClient(
+                address, secret=self.secret, pool_size=2, timeout=WORKER_CALL_TIMEOUT,
+                name=f"worker {worker_id}",
+            ) as client:  # fmt: skip
+                task_status.started((client, scope))
+                await trio.sleep_forever()
