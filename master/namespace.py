@@ -85,6 +85,7 @@ class MetadataStore:
         self._entries = self.env.open_db(b"entries")
         self._inodes = self.env.open_db(b"inodes")
         self._meta = self.env.open_db(b"meta")
+        self._jobs = self.env.open_db(b"jobs")
         self._by_name: dict[str, dict] = {}
         with self.env.begin() as txn:
             for name, raw in txn.cursor(self._datasets):
@@ -268,9 +269,11 @@ class MetadataStore:
                 out.append((key[len(prefix) :].decode(), _attr(_unpack(raw))))
             return out, False
 
-    def iter_files(self, dataset: str) -> Iterator[tuple[str, Attr]]:
-        """Every file of a dataset with its path (depth-first; for preload and stats)."""
-        stack = [("", self.dataset(dataset)["root"])]
+    def iter_files(
+        self, dataset: str, base: str = "", ino: int | None = None
+    ) -> Iterator[tuple[str, Attr]]:
+        """Every file below directory `base` (inode `ino`) with its path, depth-first."""
+        stack = [(base, ino if ino is not None else self.dataset(dataset)["root"])]
         while stack:
             base, ino = stack.pop()
             after = None
@@ -285,6 +288,27 @@ class MetadataStore:
                 if not more:
                     break
                 after = page[-1][0]
+
+    # ---- load jobs ------------------------------------------------------------------------
+
+    def put_job(self, job: dict) -> dict:
+        """Stores a job; a job without an id gets the next one."""
+        with self.env.begin(write=True) as txn:
+            if "id" not in job:
+                job["id"] = self._next(txn, b"next_job", 1)
+            txn.put(_U64.pack(job["id"]), _pack(job), db=self._jobs)
+        return job
+
+    def job(self, job_id: int) -> dict:
+        with self.env.begin() as txn:
+            raw = txn.get(_U64.pack(job_id), db=self._jobs)
+        if raw is None:
+            raise NotFound(f"no job {job_id}")
+        return _unpack(raw)
+
+    def jobs(self) -> list[dict]:
+        with self.env.begin() as txn:
+            return [_unpack(raw) for _, raw in txn.cursor(self._jobs)]
 
     # ---- sync -----------------------------------------------------------------------------
 

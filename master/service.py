@@ -13,12 +13,14 @@ import trio
 
 from cachefs import __version__
 from cachefs.config import format_address
-from cachefs.errors import InvalidArgument, NotFound
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound
+from cachefs.master.jobs import LoadJobs, check_schedule
 from cachefs.master.namespace import MetadataStore
 from cachefs.master.registry import WorkerRegistry
-from cachefs.meta import Attr
+from cachefs.meta import Attr, cache_key
 from cachefs.rpc import RpcServer
 from cachefs.ufs import RemoteStore, parse_uri
+from cachefs.workers import WorkerDirectory
 
 log = logging.getLogger("cachefs.master")
 
@@ -38,6 +40,9 @@ class MasterService:
         self.registry = WorkerRegistry(liveness=liveness, on_change=self.store.bump_epoch)
         self._sync_locks: dict[str, trio.Lock] = {}
         self._remotes: dict[str, RemoteStore] = {}
+        # Set by run_master: clients for the live workers, and the load jobs.
+        self.workers: WorkerDirectory | None = None
+        self.jobs: LoadJobs | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -70,11 +75,36 @@ class MasterService:
 
     async def rpc_dataset_remove(self, name: str) -> None:
         self.store.dataset(name)
+        await self.rpc_dataset_clean(name)
         async with self._lock(name):
             await trio.to_thread.run_sync(self.store.remove_dataset, name)
         self._remotes.pop(name, None)
         self._sync_locks.pop(name, None)
         log.info("dataset %s removed", name)
+
+    async def rpc_dataset_clean(self, name: str) -> dict:
+        """Drops the dataset's cached data on every live worker."""
+        self.store.dataset(name)
+        evicted = await self._on_workers("evict", dataset=name)
+        return {"evicted": sum(n for n in evicted.values() if isinstance(n, int)),
+                "workers": len(evicted)}  # fmt: skip
+
+    async def _on_workers(self, method: str, call_timeout: float = 10.0, **args) -> dict:
+        """Calls every live worker at once; worker id -> result (or the error message)."""
+        await self.workers.update()
+        results: dict[str, object] = {}
+
+        async def one(worker_id):
+            try:
+                client = await self.workers.client(worker_id)
+                results[worker_id] = await client.call(method, timeout=call_timeout, **args)
+            except CacheFsError as exc:
+                results[worker_id] = exc.message
+
+        async with trio.open_nursery() as nursery:
+            for worker_id in list(self.workers.workers):
+                nursery.start_soon(one, worker_id)
+        return results
 
     async def rpc_dataset_sync(self, name: str) -> dict:
         """Lists the remote tree and applies it incrementally; returns the counts."""
@@ -146,12 +176,110 @@ class MasterService:
             "workers": [w.public() for w in self.registry.live()],
         }
 
+    async def worker_stats(self) -> dict[str, dict]:
+        """Live stats from every worker; the last heartbeat's for a worker that does not answer."""
+        live = await self._on_workers("stats", call_timeout=3.0)
+        last = {w.worker_id: w.stats for w in self.registry.live()}
+        return {w: s if isinstance(s, dict) else last.get(w, {}) for w, s in live.items()}
+
     async def rpc_status(self) -> dict:
+        stats = await self.worker_stats()
+        datasets = []
+
+        def total(section: str, name: str, field: str) -> int:
+            return sum(s.get(section, {}).get(name, {}).get(field, 0) for s in stats.values())
+
+        for info in self.store.datasets():
+            name = info["name"]
+            cached, files = total("datasets", name, "bytes"), total("datasets", name, "files")
+            hits, misses = total("served", name, "hit_bytes"), total("served", name, "miss_bytes")
+            datasets.append({
+                **info,
+                "cached_bytes": cached,
+                "cached_files": files,
+                "cached_percent": round(100 * cached / info["bytes"], 2) if info["bytes"] else 0,
+                "hit_ratio": round(hits / (hits + misses), 4) if hits + misses else None,
+            })  # fmt: skip
+        workers = []
+        for w in self.registry.live():
+            public = w.public()
+            public["stats"] = stats.get(w.worker_id, w.stats)
+            workers.append(public)
         return {
             "version": __version__,
-            "datasets": self.store.datasets(),
-            **(await self.rpc_workers()),
+            "datasets": datasets,
+            "epoch": self.registry.epoch,
+            "workers": workers,
+            "jobs": self.store.jobs(),
         }
+
+    async def rpc_affinity(self, dataset: str) -> list[dict]:
+        """Worker hosts ranked by their share of the dataset's cached bytes."""
+        info = self.store.dataset(dataset)
+        stats = await self.worker_stats()
+        by_host: dict[str, int] = {}
+        for w in self.registry.live():
+            cached = stats.get(w.worker_id, {}).get("datasets", {}).get(dataset, {}).get("bytes", 0)
+            by_host[w.host_id] = by_host.get(w.host_id, 0) + cached
+        total = sum(by_host.values())
+        ranked = sorted(by_host.items(), key=lambda kv: (-kv[1], kv[0]))
+        return [
+            {
+                "host": host,
+                "cached_bytes": cached,
+                "share": round(cached / total, 4) if total else 0.0,
+                "dataset_share": round(cached / info["bytes"], 4) if info["bytes"] else 0.0,
+            }
+            for host, cached in ranked
+        ]
+
+    # ---- load jobs ------------------------------------------------------------------------
+
+    async def rpc_load_start(
+        self,
+        dataset: str,
+        paths: list | None = None,
+        files: list | None = None,
+        replicas: int = 1,
+        metadata_only: bool = False,
+        every: float | None = None,
+        cron: str | None = None,
+    ) -> dict:
+        schedule = check_schedule(every, cron)
+        job = self.jobs.submit(dataset, paths or [], files, replicas, metadata_only, schedule)
+        return job
+
+    async def rpc_job(self, job_id: int) -> dict:
+        return self.store.job(job_id)
+
+    async def rpc_jobs(self) -> list[dict]:
+        return self.store.jobs()
+
+    async def rpc_job_cancel(self, job_id: int) -> dict:
+        return self.jobs.cancel(job_id)
+
+    async def rpc_load_check(
+        self, dataset: str, paths: list | None = None, files: list | None = None
+    ) -> dict:
+        """Cached share of the paths (on each file's owner), without loading anything."""
+        plan = self.jobs.plan({"dataset": dataset, "paths": paths or [""], "files": files})
+        await self.workers.update()
+        by_owner: dict[str, list] = {}
+        for path, spec in plan:
+            ranked = self.workers.ranked(cache_key(dataset, path, spec[1], spec[2], spec[3]))
+            if ranked:
+                by_owner.setdefault(ranked[0], []).append(spec)
+        result = {"files": len(plan), "bytes": sum(spec[1] for _, spec in plan),
+                  "cached_files": 0, "cached_bytes": 0}  # fmt: skip
+        for owner, specs in by_owner.items():
+            client = await self.workers.client(owner)
+            for i in range(0, len(specs), 5000):
+                chunk = specs[i : i + 5000]
+                cached = await client.call("cached_many", dataset=dataset, files=chunk)
+                for spec, n in zip(chunk, cached, strict=True):
+                    result["cached_bytes"] += n
+                    result["cached_files"] += n == spec[1]
+        return result
 
     async def expire_workers(self) -> None:
         """Runs for the master's lifetime: drops workers whose heartbeats stopped."""
@@ -172,7 +300,13 @@ async def run_master(
     """Serves until cancelled; `task_status.started` gets the bound (host, port)."""
     service = MasterService(state_dir, liveness=liveness)
     try:
-        async with trio.open_nursery() as nursery:
+        async with (
+            WorkerDirectory(service.rpc_workers, secret=secret) as workers,
+            trio.open_nursery() as nursery,
+        ):
+            service.workers = workers
+            service.jobs = LoadJobs(service, workers)
+            await nursery.start(service.jobs.run)
             server = RpcServer(service, secret=secret, name="master")
             bound = await nursery.start(server.serve, *listen)
             nursery.start_soon(service.expire_workers)

@@ -62,6 +62,8 @@ class WorkerService:
         self._nursery: trio.Nursery | None = None
         self.remote_reads = 0
         self.remote_bytes = 0
+        # dataset -> [bytes served from the cache, bytes served after a remote fill]
+        self.served: dict[str, list[int]] = {}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Owns the fill tasks; runs until cancelled."""
@@ -168,41 +170,53 @@ class WorkerService:
         etag: str | None = None,
     ) -> Reply:
         data, hit = await self.read(dataset, path, size, mtime_ns, offset, length, etag)
+        self.served.setdefault(dataset, [0, 0])[0 if hit else 1] += len(data)
         return Reply({"hit": hit}, data)
 
     async def rpc_prefetch(self, dataset: str, files: list) -> dict:
-        """Warms the cache with whole files: files = [[path, size, mtime_ns, etag], ...]."""
+        """Warms the cache with whole files: files = [[path, size, mtime_ns, etag], ...].
+
+        Returns one outcome per file: "cached" (already there, no remote read), "fetched",
+        or the error message.
+        """
         if len(files) > PREFETCH_MAX:
             raise InvalidArgument(f"prefetch takes at most {PREFETCH_MAX} files per call")
-        result = {"cached": 0, "fetched": 0, "failed": 0, "bytes": 0}
-
-        async def one(path, size, mtime_ns, etag=None):
-            try:
-                for start in range(0, max(size, 1), MAX_READ):
-                    _, hit = await self.read(dataset, path, size, mtime_ns, start, MAX_READ, etag)
-                result["cached" if hit else "fetched"] += 1
-                result["bytes"] += size
-            except CacheFsError as exc:
-                log.warning("prefetch of %s failed: %s", path, exc.message)
-                result["failed"] += 1
-
+        outcomes: list[str] = [""] * len(files)
         limiter = trio.Semaphore(64)
 
-        async def bounded(entry):
+        async def one(i, path, size, mtime_ns, etag=None):
+            if self.cached_bytes(dataset, path, size, mtime_ns, etag) == size:
+                outcomes[i] = "cached"
+                return
             async with limiter:
-                await one(*entry)
+                try:
+                    for start in range(0, max(size, 1), MAX_READ):
+                        await self.read(dataset, path, size, mtime_ns, start, MAX_READ, etag)
+                    outcomes[i] = "fetched"
+                except CacheFsError as exc:
+                    log.warning("prefetch of %s failed: %s", path, exc.message)
+                    outcomes[i] = exc.message
 
         async with trio.open_nursery() as nursery:
-            for entry in files:
-                nursery.start_soon(bounded, entry)
-        return result
+            for i, entry in enumerate(files):
+                nursery.start_soon(one, i, *entry)
+        return {"outcomes": outcomes}
+
+    async def rpc_cached_many(self, dataset: str, files: list) -> list[int]:
+        """Cached bytes of each file version: files = [[path, size, mtime_ns, etag], ...]."""
+        if len(files) > PREFETCH_MAX:
+            raise InvalidArgument(f"cached_many takes at most {PREFETCH_MAX} files per call")
+        return [self.cached_bytes(dataset, *entry) for entry in files]
 
     async def rpc_cached(self, dataset: str, path: str, size: int, mtime_ns: int, etag=None) -> int:
         """How many bytes of this file version are in the cache."""
+        return self.cached_bytes(dataset, path, size, mtime_ns, etag)
+
+    def cached_bytes(self, dataset, path, size, mtime_ns, etag=None) -> int:
         key = cache_key(dataset, path, size, mtime_ns, etag)
         if size <= BLOCK_SIZE:
             loc = self.store.location(key)
-            return loc.length if loc else 0
+            return size if loc else 0
         total = 0
         for i in range((size + BLOCK_SIZE - 1) // BLOCK_SIZE):
             loc = self.store.location(block_key(key, i))
@@ -227,6 +241,7 @@ class WorkerService:
             "remote_reads": self.remote_reads,
             "remote_bytes": self.remote_bytes,
             "fills_in_flight": len(self._fills),
+            "served": {ds: {"hit_bytes": h, "miss_bytes": m} for ds, (h, m) in self.served.items()},
         }
 
 

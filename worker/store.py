@@ -46,7 +46,8 @@ class StoreCounters:
     promotions: int = 0
     not_stored: int = 0
     per_dataset: Counter = field(default_factory=Counter)  # dataset -> bytes
-    per_dataset_files: Counter = field(default_factory=Counter)
+    per_dataset_files: Counter = field(default_factory=Counter)  # whole files or first blocks
+    per_dataset_entries: Counter = field(default_factory=Counter)
 
 
 class BlockStore:
@@ -122,7 +123,7 @@ class BlockStore:
             loc = Location(tier_name, slot, length, digest, dataset)
             self._locations[key] = loc
             tier.policy.insert(key, length)
-            self._account(loc, +1)
+            self._account(key, loc, +1)
         if self._locations:
             log.info("kept %d cached entries from the previous run", len(self._locations))
 
@@ -187,7 +188,7 @@ class BlockStore:
         self.index.put(key, loc)  # data first, then the index: a crash leaves no dangling entry
         self._locations[key] = loc
         tier.policy.insert(key, len(data), pinned=dataset in self.pinned)
-        self._account(loc, +1)
+        self._account(key, loc, +1)
         return True
 
     def _allocate(self, tier_name: str, length: int) -> Slot | None:
@@ -260,11 +261,13 @@ class BlockStore:
         tier = self.tiers[loc.tier]
         tier.policy.remove(key)
         tier.allocator.free(loc.slot)
-        self._account(loc, -1)
+        self._account(key, loc, -1)
 
-    def _account(self, loc: Location, sign: int) -> None:
+    def _account(self, key: bytes, loc: Location, sign: int) -> None:
         self.counters.per_dataset[loc.dataset] += sign * loc.length
-        self.counters.per_dataset_files[loc.dataset] += sign
+        self.counters.per_dataset_entries[loc.dataset] += sign
+        if len(key) == 16 or key[16:] == b"\0\0\0\0":  # a whole file, or a big file's block 0
+            self.counters.per_dataset_files[loc.dataset] += sign
 
     # ---- management ----------------------------------------------------------------------
 
@@ -299,9 +302,13 @@ class BlockStore:
                 for name, tier in self.tiers.items()
             },
             "datasets": {
-                ds: {"bytes": c.per_dataset[ds], "entries": c.per_dataset_files[ds]}
+                ds: {
+                    "bytes": c.per_dataset[ds],
+                    "files": c.per_dataset_files[ds],
+                    "entries": c.per_dataset_entries[ds],
+                }
                 for ds in c.per_dataset
-                if c.per_dataset_files[ds]
+                if c.per_dataset_entries[ds]
             },
             "hits": c.hits,
             "misses": c.misses,

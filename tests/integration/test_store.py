@@ -62,7 +62,11 @@ def test_put_get_round_trip(store):
     assert store.get(key(999)) is None
     stats = store.stats()
     assert stats["hits"] == len(sizes) and stats["misses"] == 1
-    assert stats["datasets"]["ds"] == {"bytes": sum(sizes), "entries": len(sizes)}
+    assert stats["datasets"]["ds"] == {
+        "bytes": sum(sizes),
+        "files": len(sizes),
+        "entries": len(sizes),
+    }
 
 
 def test_overwrite_replaces_and_oversize_rejected(store):

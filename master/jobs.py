@@ -1,0 +1,268 @@
+"""Load (preload) jobs: plan, dispatch to the owning workers, track progress, run on schedules.
+
+A job loads the files under some paths (or a list) of a dataset into the cache. The master
+plans it from its namespace, splits it by owning worker (rendezvous placement; with N replicas
+the first N workers of each file's order) and sends batches to `prefetch` on the workers, which
+fetch with their own bounded parallelism and retries. Progress lives in lmdb and only grows:
+done + failed ends equal to the total. Files already cached count as done at no remote cost,
+so re-running a load fetches only what is missing.
+
+Periodic jobs (`every` seconds or a `cron` expression) first sync the dataset's metadata, then
+load; their schedule is persisted and resumed after a master restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import trio
+from croniter import croniter
+
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
+from cachefs.workers import WorkerDirectory
+
+if TYPE_CHECKING:
+    from cachefs.master.service import MasterService
+
+log = logging.getLogger("cachefs.master.jobs")
+
+BATCH_FILES = 256
+BATCHES_IN_FLIGHT_PER_WORKER = 4
+MAX_FAILURES_KEPT = 100
+PROGRESS_SAVE_SECONDS = 0.5
+COUNTERS = ("files", "bytes", "done_files", "done_bytes", "cached_files", "cached_bytes",
+            "failed_files", "failed_bytes")  # fmt: skip
+
+
+def next_run(schedule: dict, after: float) -> float:
+    if "every" in schedule:
+        return after + schedule["every"]
+    return croniter(schedule["cron"], after).get_next(float)
+
+
+def check_schedule(every: float | None, cron: str | None) -> dict | None:
+    if every is not None and cron is not None:
+        raise InvalidArgument("give --every or --cron, not both")
+    if every is not None:
+        if every <= 0:
+            raise InvalidArgument("--every must be positive")
+        return {"every": float(every)}
+    if cron is not None:
+        if not croniter.is_valid(cron):
+            raise InvalidArgument(f"invalid cron expression {cron!r}")
+        return {"cron": cron}
+    return None
+
+
+class LoadJobs:
+    def __init__(self, service: MasterService, workers: WorkerDirectory):
+        self.service = service
+        self.store = service.store
+        self.workers = workers
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[int, trio.CancelScope] = {}
+        self._wakeups: dict[int, trio.Event] = {}
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Owns every job task; resumes unfinished and scheduled jobs after a restart."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for job in self.store.jobs():
+                if job["state"] in ("running", "pending", "scheduled"):
+                    log.info("resuming job %s (%s)", job["id"], job["state"])
+                    nursery.start_soon(self._job_task, job["id"])
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- API -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        dataset: str,
+        paths: list[str],
+        files: list[str] | None,
+        replicas: int,
+        metadata_only: bool,
+        schedule: dict | None,
+    ) -> dict:
+        self.store.dataset(dataset)
+        if replicas < 1:
+            raise InvalidArgument("--replicas must be at least 1")
+        job = {
+            "dataset": dataset,
+            "paths": [p.strip("/") for p in paths] or [""],
+            "files": files,
+            "replicas": replicas,
+            "metadata_only": metadata_only,
+            "schedule": schedule,
+            "state": "pending",
+            "created": time.time(),
+            "runs": 0,
+            "next_run": time.time(),
+            "progress": dict.fromkeys(COUNTERS, 0),
+            "failures": [],
+            "sync": None,
+            "error": None,
+        }
+        job = self.store.put_job(job)
+        self._nursery.start_soon(self._job_task, job["id"])
+        return job
+
+    def cancel(self, job_id: int) -> dict:
+        job = self.store.job(job_id)
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        job["state"] = "cancelled"
+        self.store.put_job(job)
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            scope.cancel()
+        return job
+
+    # ---- running -------------------------------------------------------------------------
+
+    async def _job_task(self, job_id: int) -> None:
+        with trio.CancelScope() as scope:
+            self._scopes[job_id] = scope
+            try:
+                while True:
+                    job = self.store.job(job_id)
+                    if job["state"] == "cancelled":
+                        return
+                    await trio.sleep_until(_trio_deadline(job["next_run"]))
+                    await self._run_once(job_id)
+                    job = self.store.job(job_id)
+                    if not job["schedule"] or job["state"] == "cancelled":
+                        return
+                    job["state"] = "scheduled"
+                    job["next_run"] = next_run(job["schedule"], job["started"])
+                    self.store.put_job(job)
+            except NotFound:  # the dataset was removed under the job
+                job = self.store.job(job_id)
+                job.update(state="failed", error=f"dataset {job['dataset']!r} was removed")
+                self.store.put_job(job)
+            finally:
+                self._scopes.pop(job_id, None)
+
+    async def _run_once(self, job_id: int) -> None:
+        job = self.store.job(job_id)
+        job.update(state="running", started=time.time(), runs=job["runs"] + 1, error=None)
+        job["progress"] = dict.fromkeys(COUNTERS, 0)
+        job["failures"] = []
+        self.store.put_job(job)
+        try:
+            if job["schedule"] or job["metadata_only"]:
+                job["sync"] = await self.service.rpc_dataset_sync(job["dataset"])
+            if not job["metadata_only"]:
+                await self._load(job)
+            job["state"] = "done"
+        except CacheFsError as exc:
+            job.update(state="failed", error=exc.message)
+            log.warning("job %s failed: %s", job_id, exc.message)
+        job["finished"] = time.time()
+        if self.store.job(job_id)["state"] != "cancelled":
+            self.store.put_job(job)
+
+    def plan(self, job: dict) -> list[tuple[str, list]]:
+        """(path, [path, size, mtime_ns, etag]) for every file the job covers."""
+        dataset = job["dataset"]
+        if job["files"]:
+            out = []
+            for path in job["files"]:
+                attr = self.store.lookup_path(dataset, path)
+                if not attr.is_dir:
+                    out.append((path, [path, attr.size, attr.mtime_ns, attr.etag]))
+            return out
+        out = []
+        for base in job["paths"]:
+            attr = self.store.lookup_path(dataset, base)
+            if not attr.is_dir:
+                out.append((base, [base, attr.size, attr.mtime_ns, attr.etag]))
+                continue
+            for path, file_attr in self.store.iter_files(dataset, base, attr.ino):
+                out.append((path, [path, file_attr.size, file_attr.mtime_ns, file_attr.etag]))
+        return out
+
+    async def _load(self, job: dict) -> None:
+        from cachefs.meta import cache_key
+
+        files = self.plan(job)
+        await self.workers.update()
+        if not self.workers.workers:
+            raise Unavailable("no live workers to load into")
+        by_worker: dict[str, list[list]] = defaultdict(list)
+        copies = 0
+        for path, spec in files:
+            ranked = self.workers.ranked(cache_key(job["dataset"], path, spec[1], spec[2], spec[3]))
+            for worker_id in ranked[: job["replicas"]]:
+                by_worker[worker_id].append(spec)
+                copies += 1
+        # With replicas > 1 the counters count file copies (a file on 2 workers counts twice).
+        progress = job["progress"]
+        progress["files"] = copies
+        progress["bytes"] = sum(spec[1] for specs in by_worker.values() for spec in specs)
+        saver = _ProgressSaver(self.store, job)
+        async with trio.open_nursery() as nursery:
+            for worker_id, specs in by_worker.items():
+                nursery.start_soon(self._feed_worker, job, worker_id, specs, saver)
+        saver.save(force=True)
+
+    async def _feed_worker(self, job, worker_id, specs, saver) -> None:
+        limiter = trio.Semaphore(BATCHES_IN_FLIGHT_PER_WORKER)
+
+        async def batch(chunk):
+            async with limiter:
+                outcomes = await self._prefetch(job["dataset"], worker_id, chunk)
+            p = job["progress"]
+            for spec, outcome in zip(chunk, outcomes, strict=True):
+                if outcome in ("fetched", "cached"):
+                    p["done_files"] += 1
+                    p["done_bytes"] += spec[1]
+                    if outcome == "cached":
+                        p["cached_files"] += 1
+                        p["cached_bytes"] += spec[1]
+                else:
+                    p["failed_files"] += 1
+                    p["failed_bytes"] += spec[1]
+                    if len(job["failures"]) < MAX_FAILURES_KEPT:
+                        job["failures"].append([spec[0], outcome])
+            saver.save()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(0, len(specs), BATCH_FILES):
+                nursery.start_soon(batch, specs[i : i + BATCH_FILES])
+
+    async def _prefetch(self, dataset: str, worker_id: str, chunk: list) -> list:
+        """Per file: "fetched", "cached", or an error message."""
+        try:
+            client = await self.workers.client(worker_id)
+            reply = await client.call("prefetch", dataset=dataset, files=chunk, timeout=3600)
+            return reply["outcomes"]
+        except (Unavailable, KeyError) as exc:
+            message = getattr(exc, "message", f"worker {worker_id} left")
+            self.workers.suspect(worker_id)
+            return [f"worker {worker_id} unavailable: {message}"] * len(chunk)
+
+
+class _ProgressSaver:
+    """Writes a running job's progress to lmdb at most every PROGRESS_SAVE_SECONDS."""
+
+    def __init__(self, store, job: dict):
+        self.store = store
+        self.job = job
+        self._last = 0.0
+
+    def save(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= PROGRESS_SAVE_SECONDS:
+            self._last = now
+            current = self.store.job(self.job["id"])
+            if current["state"] != "cancelled":
+                self.store.put_job(self.job)
+
+
+def _trio_deadline(wall_time: float) -> float:
+    return trio.current_time() + max(0.0, wall_time - time.time())
