@@ -336,6 +336,18 @@ def dataset_ls(master, secret_file) -> None:
         )
 
 
+@dataset.command("clean")
+@click.argument("name")
+@master_option
+@secret_option
+@_errors_to_exit
+def dataset_clean(name, master, secret_file) -> None:
+    """Drop the dataset's cached data on every worker (metadata stays)."""
+    result = _call_master(master, secret_file, "dataset_clean", name=name)
+    click.echo(f"dataset {name}: {result['evicted']} cache entries dropped on "
+               f"{result['workers']} workers")  # fmt: skip
+
+
 @dataset.command("rm")
 @click.argument("name")
 @master_option
@@ -345,6 +357,160 @@ def dataset_rm(name, master, secret_file) -> None:
     """Remove a dataset's metadata (the remote store is never touched)."""
     _call_master(master, secret_file, "dataset_remove", name=name)
     click.echo(f"dataset {name} removed")
+
+
+def _parse_duration(text: str | None) -> float | None:
+    """'30s', '5m', '2h', '1d' or plain seconds -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:].lower() in units:
+            return float(text[:-1]) * units[text[-1].lower()]
+        return float(text)
+    except ValueError:
+        raise InvalidArgument(f"invalid duration {text!r} (examples: 90s, 15m, 2h, 1d)") from None
+
+
+def _job_line(job: dict) -> str:
+    p = job["progress"]
+    line = (
+        f"job {job['id']} {job['state']}: {p['done_files']}/{p['files']} files "
+        f"({_human_bytes(p['done_bytes'])} of {_human_bytes(p['bytes'])}), "
+        f"{p['cached_files']} already cached, {p['failed_files']} failed"
+    )
+    if job.get("error"):
+        line += f"; error: {job['error']}"
+    return line
+
+
+@main.command()
+@click.argument("name")
+@click.argument("paths", nargs=-1)
+@click.option("--files", "files_list", type=click.File(), help="file with one path per line")
+@click.option("--metadata-only", is_flag=True, help="only sync the metadata")
+@click.option("--replicas", default=1, show_default=True, help="copies on distinct workers")
+@click.option("--every", metavar="DURATION", help="repeat: sync, then load what changed")
+@click.option("--cron", metavar="EXPR", help='repeat on a cron schedule, e.g. "0 3 * * *"')
+@click.option("--no-wait", is_flag=True, help="print the job id and return")
+@click.option("--check", is_flag=True, help="only report the cached share of the paths")
+@master_option
+@secret_option
+@_errors_to_exit
+def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait, check, master,
+         secret_file):  # fmt: skip
+    """Preload files of dataset NAME (all, or under PATHS) into the cache."""
+    files = [line.strip() for line in files_list if line.strip()] if files_list else None
+    if check:
+        r = _call_master(master, secret_file, "load_check", dataset=name, paths=list(paths),
+                         files=files)  # fmt: skip
+        pct_files = 100 * r["cached_files"] / r["files"] if r["files"] else 100.0
+        pct_bytes = 100 * r["cached_bytes"] / r["bytes"] if r["bytes"] else 100.0
+        click.echo(
+            f"{name}: {r['cached_files']}/{r['files']} files cached ({pct_files:.1f}%), "
+            f"{_human_bytes(r['cached_bytes'])} of {_human_bytes(r['bytes'])} ({pct_bytes:.1f}%)"
+        )
+        return
+    job = _call_master(
+        master, secret_file, "load_start", dataset=name, paths=list(paths), files=files,
+        replicas=replicas, metadata_only=metadata_only, every=_parse_duration(every), cron=cron,
+    )  # fmt: skip
+    if no_wait or job["schedule"]:
+        click.echo(f"job {job['id']} submitted" + (" (periodic)" if job["schedule"] else ""))
+        return
+    job = trio.run(_follow_job, master, secret_file, job["id"])
+    click.echo(_job_line(job))
+    if job["state"] != "done" or job["progress"]["failed_files"]:
+        for path, message in job["failures"][:10]:
+            click.echo(f"  failed: {path}: {message}", err=True)
+        sys.exit(1)
+
+
+async def _follow_job(master, secret_file, job_id) -> dict:
+    """Polls a job until it ends, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    async with RpcClient(master_address(master), secret=read_secret(secret_file)) as client:
+        bar = None
+        while True:
+            job = await client.call("job", job_id=job_id)
+            p = job["progress"]
+            if sys.stderr.isatty() and p["bytes"]:
+                if bar is None:
+                    bar = tqdm(total=p["bytes"], unit="B", unit_scale=True, desc=f"job {job_id}")
+                bar.update(p["done_bytes"] + p["failed_bytes"] - bar.n)
+            if job["state"] not in ("pending", "running"):
+                if bar is not None:
+                    bar.close()
+                return job
+            await trio.sleep(0.25)
+
+
+@main.group()
+def job() -> None:
+    """List and cancel load jobs."""
+
+
+@job.command("ls")
+@master_option
+@secret_option
+@_errors_to_exit
+def job_ls(master, secret_file) -> None:
+    """List load jobs with their progress."""
+    for item in _call_master(master, secret_file, "jobs"):
+        schedule = item["schedule"] or {}
+        when = f" every {schedule['every']:g}s" if "every" in schedule else ""
+        when = f" cron '{schedule['cron']}'" if "cron" in schedule else when
+        click.echo(f"{_job_line(item)} [{item['dataset']}{when}, runs {item['runs']}]")
+
+
+@job.command("cancel")
+@click.argument("job_id", type=int)
+@master_option
+@secret_option
+@_errors_to_exit
+def job_cancel(job_id, master, secret_file) -> None:
+    """Cancel a load job (a periodic one stops recurring)."""
+    click.echo(_job_line(_call_master(master, secret_file, "job_cancel", job_id=job_id)))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--k8s", is_flag=True, help="print a preferred nodeAffinity block")
+@master_option
+@secret_option
+@_errors_to_exit
+def affinity(name, k8s, master, secret_file) -> None:
+    """Worker hosts ranked by their cached share of dataset NAME."""
+    ranked = _call_master(master, secret_file, "affinity", dataset=name)
+    if not k8s:
+        for row in ranked:
+            click.echo(
+                f"{row['host']:<24} {_human_bytes(row['cached_bytes']):>12} "
+                f"{100 * row['share']:6.1f}% of cached "
+                f"{100 * row['dataset_share']:6.1f}% of dataset"
+            )
+        return
+    import yaml
+
+    terms = [
+        {
+            "weight": max(1, round(100 * row["share"])),
+            "preference": {
+                "matchExpressions": [
+                    {"key": "kubernetes.io/hostname", "operator": "In", "values": [row["host"]]}
+                ]
+            },
+        }  # fmt: skip
+        for row in ranked
+        if row["cached_bytes"]
+    ]
+    click.echo(f"# cachefs: hosts holding dataset {name}, weighted by cached share.")
+    click.echo("# Worker --host-id must equal the node's kubernetes.io/hostname label.")
+    click.echo(yaml.safe_dump(
+        {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": terms}}},
+        sort_keys=False,
+    ).rstrip())  # fmt: skip
 
 
 @main.command()
