@@ -327,10 +327,10 @@ def shuffled_orders(n_files: int, clients: int, seed: int) -> list[list[int]]:
     return orders
 
 
-def host_busy() -> float:
-    """CPU seconds the whole host has spent busy (all cores), from /proc/stat."""
+def host_busy() -> tuple[float, float]:
+    """CPU seconds the whole host has spent busy (all cores), and in softirq, from /proc/stat."""
     t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq
+    return t.user + t.nice + t.system + t.irq + t.softirq, t.softirq
 
 
 def measure_size(
@@ -355,7 +355,9 @@ def measure_size(
         cpu0, host0 = sum(proc.cpu_times()[:2]), host_busy()
         rpc = load.run("rpc", orders, address=worker_address, **common)
         rpc["worker_cpu"] = sum(proc.cpu_times()[:2]) - cpu0
-        rpc["other_cpu"] = host_busy() - host0 - rpc["worker_cpu"] - rpc["cpu"]
+        host1 = host_busy()
+        rpc["other_cpu"] = host1[0] - host0[0] - rpc["worker_cpu"] - rpc["cpu"]
+        rpc["softirq"] = host1[1] - host0[1]
         after = worker_stats(worker_address)
         calls = rpc["ops"] + rpc["untimed"]
         deltas = {k: after[k] - before[k] for k in ("hits", "misses", "remote_reads")}
@@ -368,7 +370,7 @@ def measure_size(
 
         host0 = host_busy()
         local = load.run("local", orders, root=str(root), **common)
-        local["other_cpu"] = host_busy() - host0 - local["cpu"]
+        local["other_cpu"] = host_busy()[0] - host0[0] - local["cpu"]
         local_runs.append(local)
 
     def median(runs: list[dict]) -> dict:
@@ -388,6 +390,7 @@ def measure_size(
         "worker_cpu": rpc["worker_cpu"] / rpc["seconds"],
         "load_cpu": rpc["cpu"] / rpc["seconds"],
         "other_cpu": rpc["other_cpu"] / rpc["seconds"],
+        "softirq": rpc["softirq"] / rpc["seconds"],
         "local_ops": local["ops"] / local["seconds"],
         "local_mib": local["bytes"] / local["seconds"] / MiB,
         "local_spread": spread(local_runs),
@@ -438,6 +441,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['local_ops']:,.0f} ({llo:,.0f}-{lhi:,.0f}) | {r['local_mib']:,.0f} "
             f"| {r['rpc_ops'] / r['local_ops']:.3f} "
             f"| {r['worker_cpu']:.0%} / {r['load_cpu']:.0%} / {r['other_cpu']:.0%} "
+            f"(softirq {r['softirq']:.0%}) "
             f"| {r['local_cpu']:.0%} / {r['local_other_cpu']:.0%} |"
         )
     return "\n".join(lines)
@@ -563,8 +567,9 @@ def main() -> None:
             "open/read/close on the same files in the same order, page cache warm (a memory "
             "copy, not disk I/O). CPU columns are in % of one core (the host has "
             f'{cores * 100}%); "rest of host" is everything else the host ran meanwhile: '
-            "the master, kernel work not charged to a process, and any other program, so a "
-            "large value there means the run was disturbed."
+            "the master, kernel work not charged to a process (softirq: loopback TCP "
+            "delivery, shown separately) and any other program; beyond softirq, a large value "
+            "means the run was disturbed (the local run has no network work at all)."
         )
         replace_section(args.results, "Worker (bench_worker.py)", note + "\n\n" + text)
 

@@ -537,13 +537,26 @@ def status(name, as_json, master, secret_file) -> None:
             if synced
             else "never"
         )
+        hit = info.get("hit_ratio")
         click.echo(
-            f"  {info['name']:<20} {info['files']:>10} files {_human_bytes(info['bytes']):>12}"
+            f"  {info['name']:<16} {info['files']:>9} files {_human_bytes(info['bytes']):>10}"
+            f"  {info['cached_percent']:.1f}% cached"
+            f"  hit ratio {'-' if hit is None else f'{100 * hit:.1f}%'}"
             f"  synced {when}  {info['uri']}"
         )
     click.echo(f"workers ({len(report['workers'])}, epoch {report['epoch']}):")
     for worker in report["workers"]:
-        click.echo(f"  {worker['id']:<20} {worker['address']:<22} host {worker['host']}")
+        tiers = worker["stats"].get("tiers", {})
+        usage = ", ".join(
+            f"{name} {_human_bytes(t['used'])}/{_human_bytes(t['capacity'])}"
+            for name, t in tiers.items()
+        )
+        click.echo(f"  {worker['id']:<14} {worker['address']:<22} host {worker['host']}  {usage}")
+    jobs = [j for j in report.get("jobs", []) if name is None or j["dataset"] == name]
+    if jobs:
+        click.echo(f"jobs ({len(jobs)}):")
+        for item in jobs:
+            click.echo(f"  {_job_line(item)}")
 
 
 if __name__ == "__main__":

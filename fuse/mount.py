@@ -38,6 +38,7 @@ class MountOptions:
     attr_timeout: float = 3600.0
     op_timeout: float = 60.0
     allow_other: bool = False  # other users may read the mount only on request
+    change_poll: float = 2.0  # seconds between polls for re-syncs
     secret: bytes | None = None
 
 
@@ -101,6 +102,7 @@ async def serve_mount(
         pyfuse3.init(ops, str(mountpoint), _fuse_options(opts))
         try:
             nursery.start_soon(workers.run)
+            nursery.start_soon(_watch_changes, ops, opts.change_poll)
             log.info("dataset %s mounted on %s", dataset, mountpoint)
             task_status.started()
             await pyfuse3.main()
@@ -108,6 +110,20 @@ async def serve_mount(
             pyfuse3.close(unmount=True)
             nursery.cancel_scope.cancel()
         log.info("%s unmounted", mountpoint)
+
+
+async def _watch_changes(ops: CacheFsOperations, interval: float) -> None:
+    """Applies re-syncs of the dataset to the kernel's caches; runs until cancelled."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            changed = await ops.apply_changes()
+            if changed:
+                log.info("a re-sync changed %d entries; kernel caches invalidated", changed)
+        except CacheFsError as exc:
+            log.warning("cannot poll the master for changes: %s", exc.message)
+        except OSError as exc:  # the kernel refused an invalidation: keep serving
+            log.warning("cache invalidation failed: %s", exc)
 
 
 async def ensure_embedded_dataset(master_address, uri: str, options: dict[str, str]) -> None:

@@ -48,6 +48,15 @@ def _errno_boundary(func):
     return wrapper
 
 
+def _ignore_enoent(func, *args) -> None:
+    """Kernel invalidations fail with ENOENT when the kernel had nothing cached: fine."""
+    try:
+        func(*args)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
 async def _read_only(*_args) -> None:
     raise pyfuse3.FUSEError(errno.EROFS)
 
@@ -169,6 +178,22 @@ class CacheFsOperations(pyfuse3.Operations):
     @_errno_boundary
     async def release(self, fh):
         self.vfs.release(fh)
+
+    # ---- re-syncs --------------------------------------------------------------------------
+
+    async def apply_changes(self) -> int:
+        """Polls the master for re-syncs and drops what the kernel cached of changed entries."""
+        changes = await self.vfs.poll_changes()
+        # The kernel may wait on requests this event loop serves: call it from a thread.
+        for parent, name in changes.entries:
+            await trio.to_thread.run_sync(
+                _ignore_enoent, pyfuse3.invalidate_entry, self._to_fuse(parent), os.fsencode(name)
+            )
+        for ino in changes.inodes:
+            await trio.to_thread.run_sync(
+                _ignore_enoent, pyfuse3.invalidate_inode, self._to_fuse(ino)
+            )
+        return len(changes.entries)
 
     # ---- everything that would write -----------------------------------------------------
 

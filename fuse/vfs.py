@@ -29,7 +29,17 @@ XATTRS = (XATTR_CACHED, XATTR_OWNER)
 class _Inode:
     attr: Attr
     path: str
+    parent: int = 0
+    name: str = ""
     lookups: int = 0
+
+
+@dataclass
+class Changes:
+    """What a re-sync changed that the kernel may have cached (master inode numbers)."""
+
+    inodes: list[int] = field(default_factory=list)
+    entries: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -49,10 +59,43 @@ class Vfs:
         self._handles: dict[int, FileReader | _DirHandle] = {}
         self._fh = itertools.count(1)
         self.root: Attr | None = None
+        self.generation = 0
 
     async def start(self) -> None:
+        info = await self.master.call("dataset_info", name=self.dataset)
+        self.generation = info["generation"]
         self.root = Attr.from_wire(await self.master.call("root", dataset=self.dataset))
         self._inodes[self.root.ino] = _Inode(self.root, "", lookups=1)  # never forgotten
+
+    async def poll_changes(self) -> Changes:
+        """Picks up re-syncs: refreshes cached attributes and says what the kernel must drop.
+
+        Handles already open keep the attributes (so the version) they opened with.
+        """
+        reply = await self.master.call("changes", dataset=self.dataset, since=self.generation)
+        out = Changes()
+        if reply["generation"] == self.generation:
+            return out
+        if reply["complete"]:
+            touched = {(parent, name, ino) for parent, name, ino in reply["changes"]}
+        else:  # the log does not reach back: everything cached is suspect
+            touched = {(n.parent, n.name, ino) for ino, n in self._inodes.items() if n.parent}
+        for parent, name, _old_ino in touched:
+            # The entry is dropped (the next lookup finds the new inode), and the directory's
+            # attributes and listing; the old inode's pages stay for handles already open.
+            out.entries.append((parent, name))
+            if parent in self._inodes and parent not in out.inodes:
+                out.inodes.append(parent)
+        for ino in out.inodes:
+            node = self._inodes[ino]
+            try:
+                node.attr = Attr.from_wire(
+                    await self.master.call("getattr", dataset=self.dataset, ino=ino)
+                )
+            except CacheFsError:  # removed: the kernel forgets it once its entry is dropped
+                pass
+        self.generation = reply["generation"]
+        return out
 
     # ---- metadata ------------------------------------------------------------------------
 
@@ -62,25 +105,24 @@ class Vfs:
             raise CacheFsError(f"inode {ino} is not known to the client", errno=errno.ESTALE)
         return node
 
-    def _remember(self, attr: Attr, path: str) -> Attr:
+    def _remember(self, attr: Attr, parent: int, name: str) -> Attr:
         node = self._inodes.get(attr.ino)
         if node is None:
-            node = self._inodes[attr.ino] = _Inode(attr, path)
+            parent_path = self._inodes[parent].path
+            path = f"{parent_path}/{name}" if parent_path else name
+            node = self._inodes[attr.ino] = _Inode(attr, path, parent, name)
         node.lookups += 1
-        return attr
+        return node.attr
 
     async def lookup(self, parent: int, name: str) -> Attr:
         """The child `name` of directory `parent`; counts one kernel lookup."""
         parent_node = self._known(parent)
         if not parent_node.attr.is_dir:
             raise NotADirectory(f"{parent_node.path or '/'} is not a directory")
-        if name == ".":
-            return self._remember(parent_node.attr, parent_node.path)
         attr = Attr.from_wire(
             await self.master.call("lookup", dataset=self.dataset, parent=parent, name=name)
         )
-        path = f"{parent_node.path}/{name}" if parent_node.path else name
-        return self._remember(attr, path)
+        return self._remember(attr, parent, name)
 
     async def getattr(self, ino: int) -> Attr:
         return self._known(ino).attr
@@ -123,8 +165,7 @@ class Vfs:
     def readdir_accepted(self, fh: int, name: str, attr: Attr) -> None:
         """The kernel took an entry with attributes (readdirplus): that counts as a lookup."""
         handle = self._handles[fh]
-        parent_path = self._known(handle.ino).path
-        self._remember(attr, f"{parent_path}/{name}" if parent_path else name)
+        self._remember(attr, handle.ino, name)
 
     def releasedir(self, fh: int) -> None:
         self._handles.pop(fh, None)

@@ -9,6 +9,9 @@ Sub-databases and their keys (integers big-endian, so lmdb's byte order is numer
     entries   ds_id u32 | parent u64 | name  -> msgpack [ino, kind, size, mtime, version, etag, gen]
     inodes    ino u64                        -> ds_id u32 | parent u64 | name
     meta      next_ino, next_ds, epoch       -> u64
+    jobs      job id u64                     -> msgpack dict (see master/jobs.py)
+    changes   ds_id u32 | generation u64 | seq u32 -> msgpack [parent, name, ino]: what a
+              re-sync added, changed or removed, so mounts can invalidate exactly that
 
 `entries` keyed by parent makes lookup a single get and readdir a prefix scan in name order, so
 a listing can be paged by "names after X". The dataset root is the entry (ds_id, 0, "").
@@ -37,6 +40,7 @@ _U64 = struct.Struct(">Q")
 _ROOT_PARENT = 0
 _FIRST_INO = 2  # 1 is the FUSE root; keeping it unused avoids confusing the two
 _WRITE_BATCH = 20_000
+CHANGE_LOG_GENERATIONS = 50
 
 
 def _entry_key(ds_id: int, parent: int, name: str) -> bytes:
@@ -86,6 +90,7 @@ class MetadataStore:
         self._inodes = self.env.open_db(b"inodes")
         self._meta = self.env.open_db(b"meta")
         self._jobs = self.env.open_db(b"jobs")
+        self._changes = self.env.open_db(b"changes")
         self._by_name: dict[str, dict] = {}
         with self.env.begin() as txn:
             for name, raw in txn.cursor(self._datasets):
@@ -289,6 +294,32 @@ class MetadataStore:
                     break
                 after = page[-1][0]
 
+    # ---- change log ---------------------------------------------------------------------
+
+    def changes_since(self, dataset: str, generation: int, limit: int = 100_000) -> dict:
+        """Entries added, changed or removed by the syncs after `generation`.
+
+        `complete` is False when the log no longer reaches back that far (or holds more than
+        `limit`): the caller must then drop everything it cached.
+        """
+        info = self.dataset(dataset)
+        current = info["generation"]
+        oldest = info.get("changes_from", 1)
+        out: list = []
+        complete = generation + 1 >= oldest
+        prefix = _U32.pack(info["id"])
+        with self.env.begin() as txn:
+            cursor = txn.cursor(self._changes)
+            if complete and cursor.set_range(prefix + _U64.pack(generation + 1)):
+                for key, raw in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    if len(out) == limit:
+                        complete = False
+                        break
+                    out.append(_unpack(raw))
+        return {"generation": current, "changes": out if complete else [], "complete": complete}
+
     # ---- load jobs ------------------------------------------------------------------------
 
     def put_job(self, job: dict) -> dict:
@@ -321,8 +352,9 @@ class Sync:
     """One incremental sync of a dataset: feed it the remote listing in batches, then finish.
 
     Mark and sweep: every entry seen is written with this sync's generation; `finish` deletes
-    what still carries an older one. An entry keeps its inode while its path and kind stay; a
-    changed size, mtime or etag bumps its version.
+    what still carries an older one. An unchanged entry keeps its inode; a changed size, mtime
+    or etag makes a new version with a new inode (like a replace by rename). Re-syncs log what
+    they added, changed and removed, so mounts can invalidate exactly that.
     """
 
     store: MetadataStore
@@ -334,6 +366,7 @@ class Sync:
     def __post_init__(self):
         self.generation = self.info["generation"] + 1
         self.ds_id = self.info["id"]
+        self._seq = 0
         self._dirs[""] = self.info["root"]
 
     def apply(self, entries: list[RemoteEntry]) -> None:
@@ -370,7 +403,12 @@ class Sync:
                 if entry is None or (old[2], old[3], old[5]) == (size, mtime, etag):
                     return ino
             elif (old[2], old[3], old[5]) != (size, mtime, etag) and is_file:
-                version += 1
+                # A new version is a new inode, as if the file had been replaced by rename:
+                # the kernel's page cache of the old inode stays with handles opened before.
+                self._log_change(txn, parent, name, ino)
+                txn.delete(_U64.pack(ino), db=store._inodes)
+                ino, version = store._next(txn, b"next_ino", _FIRST_INO), version + 1
+                txn.put(_U64.pack(ino), key, db=store._inodes)
                 self.report.changed += 1
         else:
             if old is not None:  # kind changed: the old entry's subtree is swept by finish()
@@ -378,6 +416,7 @@ class Sync:
                 self._count_removed(old)
             ino, version = store._next(txn, b"next_ino", _FIRST_INO), 1
             txn.put(_U64.pack(ino), key, db=store._inodes)
+            self._log_change(txn, parent, name, ino)
             if is_file:
                 self.report.added += 1
             else:
@@ -392,6 +431,13 @@ class Sync:
             key, _pack([ino, kind, size, mtime, version, etag, self.generation]), db=store._entries
         )
         return ino
+
+    def _log_change(self, txn, parent: int, name: str, ino: int) -> None:
+        if self.generation == 1:  # the first sync: nothing can have been cached before it
+            return
+        self._seq += 1
+        key = _U32.pack(self.ds_id) + _U64.pack(self.generation) + _U32.pack(self._seq)
+        txn.put(key, _pack([parent, name, ino]), db=self.store._changes)
 
     def _count_removed(self, record: list) -> None:
         if record[1] == KIND_FILE:
@@ -409,9 +455,11 @@ class Sync:
             with store.env.begin(write=True) as txn:
                 cursor = txn.cursor(store._entries)
                 position = self._sweep_some(txn, cursor, position, prefix, root_key)
+        self._prune_changes()
         info = dict(self.info)
         info.update(
             generation=self.generation,
+            changes_from=max(1, self.generation - CHANGE_LOG_GENERATIONS + 1),
             files=self.report.files,
             dirs=self.report.dirs,
             bytes=self.report.bytes,
@@ -420,6 +468,16 @@ class Sync:
         info["last_sync"] = {"at": time.time(), **self.report.as_dict()}
         store._save_dataset(info)
         return self.report
+
+    def _prune_changes(self) -> None:
+        """Keeps the change log of the last CHANGE_LOG_GENERATIONS syncs."""
+        prefix = _U32.pack(self.ds_id)
+        end = prefix + _U64.pack(max(0, self.generation - CHANGE_LOG_GENERATIONS + 1))
+        with self.store.env.begin(write=True) as txn:
+            cursor = txn.cursor(self.store._changes)
+            if cursor.set_range(prefix):
+                while cursor.key() and cursor.key() < end:
+                    cursor.delete()
 
     def _sweep_some(self, txn, cursor, position: bytes, prefix: bytes, root_key: bytes):
         """Deletes stale entries from `position` on; returns where to resume, None when done."""
@@ -437,6 +495,7 @@ class Sync:
             if record[6] != self.generation and key != root_key:
                 txn.delete(_U64.pack(record[0]), db=self.store._inodes)
                 self._count_removed(record)
+                self._log_change(txn, _U64.unpack(key[4:12])[0], key[12:].decode(), record[0])
                 if not cursor.delete():
                     return None
             elif not cursor.next():

@@ -149,6 +149,9 @@ class MasterService:
         page, more = self.store.readdir(dataset, ino, after, min(max(int(limit), 1), READDIR_MAX))
         return {"entries": _entries(page), "more": more}
 
+    async def rpc_changes(self, dataset: str, since: int) -> dict:
+        return self.store.changes_since(dataset, since)
+
     async def rpc_statfs(self, dataset: str) -> dict:
         info = self.store.dataset(dataset)
         return {"files": info["files"], "dirs": info["dirs"], "bytes": info["bytes"]}

@@ -193,3 +193,18 @@ def make_tree(tmp_path: Path):
         return LocalTree(root, files)
 
     return make
+
+
+# --- a counting / fault-injecting proxy in front of the S3 server ---------------------------
+
+
+@pytest.fixture
+def s3_proxy(moto_server: MotoServer):
+    """An S3Proxy (tests/faults.py) in front of the session's moto server; stopped at the end."""
+    from tests.faults import S3Proxy
+
+    proxy = S3Proxy(moto_server.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
