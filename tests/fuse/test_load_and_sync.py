@@ -209,3 +209,35 @@ def test_clean_affinity_and_status(cluster, tmp_path):
     cleaned = cli(master, "dataset", "clean", "aff")
     assert f"{with_data} cache entries dropped on 2 workers" in cleaned.stdout
     assert status(master)["datasets"][0]["cached_bytes"] == 0
+
+
+def test_replicas_file_lists_metadata_only_and_bad_schedules(cluster, tmp_path):
+    master, workers = cluster
+    source = tmp_path / "source"
+    digests = make_files(source, 40, max_size=5000, seed=15)
+    assert cli(master, "dataset", "add", "rep", source.as_uri()).returncode == 0
+    chosen = [rel for rel in sorted(digests) if (source / rel).stat().st_size][:10]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(chosen) + "\n")
+    loaded = cli(master, "load", "rep", "--files", str(listing), "--replicas", "2")
+    assert loaded.returncode == 0, loaded.stderr
+    assert "20/20 files" in loaded.stdout  # 10 files × 2 copies
+    per_worker = [w["stats"]["datasets"]["rep"]["files"] for w in status(master)["workers"]]
+    assert per_worker == [10, 10]  # each file on both workers
+
+    check = cli(master, "load", "rep", "c000/v00001", "--check")
+    assert "/10 files cached" in check.stdout
+
+    (source / "extra.bin").write_bytes(b"x")
+    meta = cli(master, "load", "rep", "--metadata-only")
+    assert meta.returncode == 0 and "0/0 files" in meta.stdout
+    assert status(master)["datasets"][0]["files"] == 41
+
+    bad = cli(master, "load", "rep", "--cron", "not a cron")
+    assert bad.returncode == 2 and "invalid cron expression" in bad.stderr
+    both = cli(master, "load", "rep", "--cron", "* * * * *", "--every", "5m")
+    assert both.returncode == 2 and "not both" in both.stderr
+    cron = cli(master, "load", "rep", "--cron", "0 3 * * *")
+    assert "periodic" in cron.stdout
+    jobs = cli(master, "job", "ls")
+    assert "cron '0 3 * * *'" in jobs.stdout
