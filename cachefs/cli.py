@@ -99,6 +99,9 @@ master_option = click.option(
     metavar="HOST:PORT",
     help="master address (default $CACHEFS_MASTER or 127.0.0.1:19470)",
 )
+metrics_option = click.option(
+    "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on this address"
+)
 secret_option = click.option(
     "--secret-file", type=click.Path(dir_okay=False), help="shared secret for authentication"
 )
@@ -130,14 +133,19 @@ def main(log_level: str) -> None:
 @click.option("--listen", default="127.0.0.1:19470", show_default=True, metavar="HOST:PORT")
 @click.option("--state", required=True, type=click.Path(file_okay=False), help="state directory")
 @secret_option
+@metrics_option
 @click.option(
     "--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped"
 )
 @_errors_to_exit
-def master(listen: str, state: str, secret_file: str | None, liveness: float) -> None:
+def master(
+    listen: str, state: str, secret_file: str | None, metrics: str | None, liveness: float
+) -> None:
     """Run the metadata master (foreground)."""
+    from cachefs import metrics as prometheus
     from cachefs.master.service import run_master
 
+    prometheus.serve(metrics)
     secret = read_secret(secret_file)
     address = parse_address(listen)
 
@@ -156,9 +164,15 @@ def master(listen: str, state: str, secret_file: str | None, liveness: float) ->
 @click.option("--host-id", help="node name for locality (default: hostname)")
 @click.option("--shm", default="/dev/shm", show_default=True, type=click.Path(file_okay=False))
 @secret_option
+@metrics_option
 @_errors_to_exit
-def worker(master_addr, listen, advertise, state, mem, disk, disk_size, host_id, shm, secret_file):
+def worker(
+    master_addr, listen, advertise, state, mem, disk, disk_size, host_id, shm, secret_file, metrics
+):
     """Run a cache worker (foreground)."""
+    from cachefs import metrics as prometheus
+
+    prometheus.serve(metrics)
     from pathlib import Path
 
     from cachefs.worker.service import run_worker
@@ -203,6 +217,7 @@ def worker(master_addr, listen, advertise, state, mem, disk, disk_size, host_id,
 @click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
 @click.option("--allow-other", is_flag=True, help="let other users read the mount")
 @secret_option
+@metrics_option
 @_errors_to_exit
 def mount(
     source,
@@ -218,6 +233,7 @@ def mount(
     op_timeout,
     allow_other,
     secret_file,
+    metrics,
 ):
     """Mount SOURCE read-only on MOUNTPOINT.
 
@@ -266,6 +282,9 @@ def mount(
         serve = functools.partial(
             mounting.run_cluster_mount, source, master_address(master), mountpoint_path, opts
         )
+    from cachefs import metrics as prometheus
+
+    prometheus.serve(metrics)
     trio.run(mounting.run_foreground, serve, mountpoint_path)
 
 

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import tenacity
 import trio
 
-from cachefs import errors
+from cachefs import errors, metrics
 
 _T = TypeVar("_T")
 
@@ -404,17 +404,24 @@ class RemoteStore:
             with trio.fail_after(self._timeout):
                 async for attempt in retrying:
                     with attempt:
-                        return await trio.to_thread.run_sync(
+                        if attempt.retry_state.attempt_number > 1:
+                            metrics.UFS_REQUESTS.labels("retried").inc()
+                        result = await trio.to_thread.run_sync(
                             fn, *args, limiter=self._limiter, abandon_on_cancel=True
                         )
+                        metrics.UFS_REQUESTS.labels("ok").inc()
+                        return result
         except trio.TooSlowError:
+            metrics.UFS_REQUESTS.labels("error").inc()
             raise errors.TimedOut(
                 f"{op} of {self._u.display(path)} did not finish within {self._timeout:g}s "
                 f"({_endpoint(self._u)})"
             ) from None
         except errors.CacheFsError:
+            metrics.UFS_REQUESTS.labels("error").inc()
             raise
         except Exception as exc:
+            metrics.UFS_REQUESTS.labels("error").inc()
             raise _translate(exc, self._u, path) from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -478,11 +485,15 @@ class RemoteStore:
         rel = _clean_rel(path)
         if offset < 0 or length < 0:
             raise errors.InvalidArgument(f"invalid range {offset}+{length} for {path!r}")
-        return await self._run("read", rel, self._read_sync, rel, offset, length)
+        data = await self._run("read", rel, self._read_sync, rel, offset, length)
+        metrics.UFS_READ_BYTES.inc(len(data))
+        return data
 
     async def read_file(self, path: str) -> bytes:
         rel = _clean_rel(path)
-        return await self._run("read", rel, self._read_sync, rel, 0, None)
+        data = await self._run("read", rel, self._read_sync, rel, 0, None)
+        metrics.UFS_READ_BYTES.inc(len(data))
+        return data
 
     async def iter_tree(self, batch_size: int = 5000) -> AsyncIterator[list[RemoteEntry]]:
         """Everything below the root, in batches of at most `batch_size` (any order).

@@ -12,10 +12,12 @@ import functools
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 import trio
 
+from cachefs import metrics
 from cachefs.errors import CacheFsError
 from cachefs.fuse.vfs import Vfs
 from cachefs.meta import Attr
@@ -27,8 +29,14 @@ DIR_MODE = stat.S_IFDIR | 0o555
 
 
 def _errno_boundary(func):
+    op = func.__name__
+    counter = metrics.FUSE_OPS.labels(op)
+    latency = metrics.FUSE_OP_SECONDS.labels(op)
+
     @functools.wraps(func)
     async def wrapper(self: CacheFsOperations, *args):
+        counter.inc()
+        started = time.perf_counter()
         try:
             with trio.fail_after(self.op_timeout):
                 return await func(self, *args)
@@ -44,6 +52,8 @@ def _errno_boundary(func):
         except Exception:
             log.exception("%s failed unexpectedly", func.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            latency.observe(time.perf_counter() - started)
 
     return wrapper
 

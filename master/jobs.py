@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 from croniter import croniter
 
+from cachefs import metrics
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.workers import WorkerDirectory
 
@@ -218,6 +219,8 @@ class LoadJobs:
                 outcomes = await self._prefetch(job["dataset"], worker_id, chunk)
             p = job["progress"]
             for spec, outcome in zip(chunk, outcomes, strict=True):
+                state = outcome if outcome in ("fetched", "cached") else "failed"
+                metrics.LOAD_FILES.labels(job["dataset"], state).inc()
                 if outcome in ("fetched", "cached"):
                     p["done_files"] += 1
                     p["done_bytes"] += spec[1]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from cachefs import metrics
 from cachefs.config import format_address
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.meta import cache_key
@@ -31,6 +32,7 @@ log = logging.getLogger("cachefs.worker")
 _BLOCK_INDEX = struct.Struct(">I")
 MAX_READ = 64 << 20  # one read RPC returns at most this much
 PREFETCH_MAX = 10_000
+DATASET_TTL = 10.0  # seconds a worker trusts its copy of a dataset's URI
 
 
 def block_key(key: bytes, index: int) -> bytes:
@@ -171,6 +173,7 @@ class WorkerService:
     ) -> Reply:
         data, hit = await self.read(dataset, path, size, mtime_ns, offset, length, etag)
         self.served.setdefault(dataset, [0, 0])[0 if hit else 1] += len(data)
+        (metrics.CACHE_HIT_BYTES if hit else metrics.CACHE_MISS_BYTES).inc(len(data))
         return Reply({"hit": hit}, data)
 
     async def rpc_prefetch(self, dataset: str, files: list) -> dict:
@@ -255,14 +258,18 @@ class MasterLink:
         self.address = ""  # set once the RPC server is bound
         self.stats: Callable[[], dict] = store.stats
         self.interval = 2.5
-        self._remotes: dict[str, tuple[tuple, RemoteStore]] = {}
+        self._remotes: dict[str, tuple[tuple, RemoteStore, float]] = {}  # spec, store, until
 
     async def remote_for(self, dataset: str) -> RemoteStore:
+        """The dataset's store; its URI is re-checked with the master every DATASET_TTL s."""
+        known = self._remotes.get(dataset)
+        if known is not None and trio.current_time() < known[2]:
+            return known[1]
         info = await self.client.call("dataset_info", name=dataset)
         spec = (info["uri"], tuple(sorted(info["options"].items())))
-        known = self._remotes.get(dataset)
         if known is None or known[0] != spec:  # new, or removed and added again elsewhere
-            known = self._remotes[dataset] = (spec, RemoteStore(info["uri"], info["options"]))
+            known = (spec, RemoteStore(info["uri"], info["options"]), 0.0)
+        self._remotes[dataset] = (known[0], known[1], trio.current_time() + DATASET_TTL)
         return known[1]
 
     async def register(self) -> None:
@@ -317,6 +324,7 @@ async def run_worker(
         link = MasterLink(client, store, host_id or socket.gethostname())
         service = WorkerService(store, link.remote_for)
         link.stats = service.stats
+        metrics.export_store(store.stats)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
             server = RpcServer(service, secret=secret, name="worker")
