@@ -71,6 +71,53 @@ class Reply:
         self.payload = payload
 
 
+class LocalClient:
+    """RpcClient's calling interface over a handler in this same process.
+
+    Embedded mode uses it so the FUSE client reaches its own master and worker without
+    sockets or encoding; deadlines still apply. Results are the handler's own objects, not
+    copies: callers must treat them as read-only, as they would a decoded reply.
+    """
+
+    def __init__(self, handler: object, *, timeout: float = 30.0, name: str = "local"):
+        self.handler = handler
+        self.timeout = timeout
+        self.name = name
+
+    async def call(
+        self,
+        method: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the same per-call budget as RpcClient
+        payload=b"",
+        **args,
+    ):
+        value, _ = await self.call_with_payload(method, timeout=timeout, payload=payload, **args)
+        return value
+
+    async def call_with_payload(
+        self,
+        method: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        payload=b"",
+        **args,
+    ) -> tuple[Any, bytes]:
+        fn = getattr(self.handler, f"rpc_{method}", None)
+        if fn is None:
+            raise errors.InvalidArgument(f"unknown method {method!r}")
+        if payload:
+            args["payload"] = payload
+        try:
+            with trio.fail_after(timeout or self.timeout):
+                result = await fn(**args)
+        except trio.TooSlowError:
+            raise errors.TimedOut(f"{method} on {self.name} timed out") from None
+        if isinstance(result, Reply):
+            return result.value, bytes(result.payload)
+        return result, b""
+
+
 class _PeerClosed(Exception):
     pass
 

@@ -47,6 +47,8 @@ class WorkerDirectory:
         self._clients: dict[str, tuple[str, RpcClient, trio.CancelScope]] = {}
         self._suspect_until: dict[str, float] = {}
         self._clock = clock
+        #: id -> a client for workers in this very process (embedded mode): no sockets
+        self.local: dict[str, object] = {}
         self._nursery_cm = trio.open_nursery()
         self._nursery: trio.Nursery | None = None
 
@@ -86,6 +88,8 @@ class WorkerDirectory:
         self._suspect_until[worker_id] = self._clock() + SUSPECT_SECONDS
 
     async def client(self, worker_id: str) -> RpcClient:
+        if worker_id in self.local:
+            return self.local[worker_id]
         address = self.workers[worker_id]
         known = self._clients.get(worker_id)
         if known is None or known[0] != address:  # new, or restarted on another port

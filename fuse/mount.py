@@ -4,6 +4,7 @@ the background daemon started by `cachefs mount`, and `cachefs umount`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ from cachefs.errors import AlreadyExists, CacheFsError, InvalidArgument, NotFoun
 from cachefs.fuse.operations import CacheFsOperations
 from cachefs.fuse.reader import DataReader
 from cachefs.fuse.vfs import Vfs
-from cachefs.rpc import RpcClient
+from cachefs.rpc import LocalClient, RpcClient
 from cachefs.ufs import RemoteStore, parse_uri
 from cachefs.workers import WorkerDirectory
 
@@ -73,15 +74,29 @@ async def serve_mount(
     mountpoint: Path,
     opts: MountOptions,
     *,
+    local: dict | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Mounts `dataset` and serves until unmounted (or cancelled, which unmounts)."""
+    """Mounts `dataset` and serves until unmounted (or cancelled, which unmounts).
+
+    `local` holds in-process services (embedded mode): "master" and "worker" are then called
+    directly instead of over loopback RPC.
+    """
     check_mountpoint(mountpoint)
-    async with (
-        RpcClient(master_address, secret=opts.secret, name="master") as master,
-        WorkerDirectory(functools.partial(master.call, "workers"), secret=opts.secret) as workers,
-        trio.open_nursery() as nursery,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        if local:
+            master = LocalClient(local["master"], name="embedded master")
+        else:
+            master = await stack.enter_async_context(
+                RpcClient(master_address, secret=opts.secret, name="master")
+            )
+        workers = await stack.enter_async_context(
+            WorkerDirectory(functools.partial(master.call, "workers"), secret=opts.secret)
+        )
+        if local:
+            worker = local["worker"]
+            workers.local[worker.store.worker_id] = LocalClient(worker, name="embedded worker")
+        nursery = await stack.enter_async_context(trio.open_nursery())
         await workers.update()
         remote: list[RemoteStore] = []
 
@@ -156,21 +171,31 @@ async def run_embedded(
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Master + worker + FUSE client in this process, talking over loopback RPC."""
+    """Master + worker + FUSE client in this process.
+
+    The master and worker still serve RPC on loopback (for `cachefs load`, `status`, other
+    clients); this process's own client calls them directly.
+    """
     from cachefs.master.service import run_master
     from cachefs.worker.service import run_worker
 
     parse_uri(uri, options)
     check_mountpoint(mountpoint)
+    local: dict = {}  # the services themselves, so the client calls them without sockets
     async with trio.open_nursery() as nursery:
-        master = await nursery.start(run_master, ("127.0.0.1", 0), state / "master")
+        master = await nursery.start(
+            functools.partial(run_master, ("127.0.0.1", 0), state / "master", local=local)
+        )
         await ensure_embedded_dataset(master, uri, options)
         store = store_factory(state / "worker")
         try:
-            await nursery.start(run_worker, master, ("127.0.0.1", 0), store)
             await nursery.start(
-                _serve_then_stop, nursery, EMBEDDED_DATASET, master, mountpoint, opts
+                functools.partial(run_worker, master, ("127.0.0.1", 0), store, local=local)
             )
+            await nursery.start(
+                functools.partial(_serve_then_stop, local=local),
+                nursery, EMBEDDED_DATASET, master, mountpoint, opts,
+            )  # fmt: skip
             task_status.started()
             await trio.sleep_forever()
         finally:
@@ -178,10 +203,12 @@ async def run_embedded(
             store.close()
 
 
-async def _serve_then_stop(scope_owner, dataset, master, mountpoint, opts, *, task_status):
+async def _serve_then_stop(
+    scope_owner, dataset, master, mountpoint, opts, *, local=None, task_status
+):
     """Serves the mount; when it is unmounted, stops everything else in the process too."""
     try:
-        await serve_mount(dataset, master, mountpoint, opts, task_status=task_status)
+        await serve_mount(dataset, master, mountpoint, opts, local=local, task_status=task_status)
     finally:
         scope_owner.cancel_scope.cancel()
 

@@ -298,10 +298,16 @@ async def run_master(
     *,
     secret: bytes | None = None,
     liveness: float = 10.0,
+    local: dict | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serves until cancelled; `task_status.started` gets the bound (host, port)."""
+    """Serves until cancelled; `task_status.started` gets the bound (host, port).
+
+    `local`, if given, receives the service as local["master"], for in-process callers.
+    """
     service = MasterService(state_dir, liveness=liveness)
+    if local is not None:
+        local["master"] = service
     try:
         async with (
             WorkerDirectory(service.rpc_workers, secret=secret) as workers,

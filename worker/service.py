@@ -317,12 +317,18 @@ async def run_worker(
     advertise: str | None = None,
     host_id: str | None = None,
     secret: bytes | None = None,
+    local: dict | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serves until cancelled; `task_status.started` gets the bound (host, port)."""
+    """Serves until cancelled; `task_status.started` gets the bound (host, port).
+
+    `local`, if given, receives the service as local["worker"], for in-process callers.
+    """
     async with RpcClient(master, secret=secret, name="master") as client:
         link = MasterLink(client, store, host_id or socket.gethostname())
         service = WorkerService(store, link.remote_for)
+        if local is not None:
+            local["worker"] = service
         link.stats = service.stats
         metrics.export_store(store.stats)
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,713 @@
+"""Reference model: remote changes, syncs and client reads against a plain dict.
+
+Hypothesis draws a list of operations; each example runs them in one `trio.run` against real
+parts: a master (`run_master`, lmdb in a temp dir), a worker (`run_worker`, a 16 MiB MEM tier in
+a temp dir) and a `Vfs` wired as `serve_mount` wires it (RPC to the master, a `WorkerDirectory`,
+a `DataReader` with a direct fallback), minus pyfuse3: the test calls the Vfs methods itself.
+The remote store is a local directory (file://).
+
+The model is a dict path -> version (unique id, bytes, mtime) plus the set of directories. The
+client sees the *snapshot* taken by the last sync; remote changes stay invisible until the next
+one. After every step the client must agree with the model:
+
+- lookups and readdirs show exactly the snapshot (kinds, sizes, mtimes; errno ENOENT/ENOTDIR);
+- inode numbers: an unchanged file or a directory keeps its inode across syncs, a new version
+  gets an inode never used before;
+- after a sync: the report's counts, statfs, every path's attributes, every directory listing,
+  and `poll_changes` names every (parent inode, name) whose entry changed;
+- a read returns exactly the bytes of the version the handle was opened on (the snapshot at
+  open time). Only when the remote no longer holds that version may it fail instead, with a
+  `CacheFsError`; it must never return other bytes, and never a mix of versions. A read of an
+  unchanged file never fails and never bypasses the worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from cachefs.errors import CacheFsError
+from cachefs.fuse.reader import BLOCK_SIZE, DataReader
+from cachefs.fuse.vfs import Vfs
+from cachefs.master.service import run_master
+from cachefs.meta import KIND_DIR, KIND_FILE, Attr
+from cachefs.rpc import RpcClient
+from cachefs.ufs import RemoteStore
+from cachefs.worker.service import run_worker
+from cachefs.worker.store import BlockStore
+from cachefs.workers import WorkerDirectory
+
+MiB = 1 << 20
+DATASET = "model"
+MTIME_BASE_NS = 1_700_000_000 * 10**9  # every put gets its own second after this
+STEP_TIMEOUT = 60.0  # a hung step fails the example instead of hanging the suite
+
+# A small name space with nesting and kind changes: "a" and "a/c" are directories most of the
+# time, but a put may turn them into files (and a put below them back into directories).
+FILE_PATHS = ["f", "a/f", "a/g", "a/c/f", "a/c/g", "b/f", "b/g"]
+CONFLICT_PATHS = ["a", "a/c"]
+DIR_PATHS = ["a", "a/c", "b"]
+PROBE_PATHS = FILE_PATHS + DIR_PATHS + ["nope", "a/nope", "f/x", "a/c/f/x"]
+LISTED_PATHS = ["", *DIR_PATHS, "f", "nope"]
+MAX_HELD = 3
+
+
+# --- operations ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Put:
+    """Writes a new version of a file in the remote store (creating or overwriting it)."""
+
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Removes a file or a whole directory from the remote store (no-op if absent)."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class Sync:
+    """`dataset sync`; with `poll`, the client then picks up the change log at once."""
+
+    poll: bool = True
+
+
+@dataclass(frozen=True)
+class Lookup:
+    path: str
+
+
+@dataclass(frozen=True)
+class Readdir:
+    path: str
+
+
+@dataclass(frozen=True)
+class Read:
+    """open, one read, release."""
+
+    path: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ReadAll:
+    """open, sequential reads of `chunk` bytes up to EOF, release."""
+
+    path: str
+    chunk: int
+
+
+@dataclass(frozen=True)
+class ReadConcurrent:
+    """`n` handles of one file, each reading the whole file at the same time."""
+
+    path: str
+    n: int
+
+
+@dataclass(frozen=True)
+class Open:
+    """Opens a handle and keeps it across later steps."""
+
+    path: str
+
+
+@dataclass(frozen=True)
+class ReadHeld:
+    slot: int
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Close:
+    slot: int
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The kernel forgets every inode it looked up (open handles stay open)."""
+
+
+sizes = st.one_of(
+    st.integers(0, 3000),
+    st.sampled_from([0, 1, 4095, 4096, 65537, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1]),
+    st.integers(BLOCK_SIZE + 1, 6 * MiB),
+)
+offsets = st.one_of(
+    st.just(0),
+    st.integers(0, 4000),
+    st.sampled_from([BLOCK_SIZE - 3, BLOCK_SIZE, BLOCK_SIZE + 5]),
+    st.integers(0, 7 * MiB),
+)
+lengths = st.one_of(
+    st.integers(0, 5000), st.sampled_from([128 << 10, 1 * MiB, BLOCK_SIZE, 8 * MiB])
+)
+put_paths = st.one_of(st.sampled_from(FILE_PATHS), st.sampled_from(CONFLICT_PATHS))
+puts = st.builds(Put, put_paths, sizes)
+probe_paths = st.sampled_from(PROBE_PATHS)
+slots = st.integers(0, MAX_HELD - 1)
+
+operations = st.one_of(
+    puts,
+    puts,
+    st.builds(Delete, st.sampled_from(FILE_PATHS + DIR_PATHS)),
+    st.builds(Sync, st.booleans()),
+    st.builds(Sync),
+    st.builds(Lookup, probe_paths),
+    st.builds(Readdir, st.sampled_from(LISTED_PATHS)),
+    st.builds(Read, probe_paths, offsets, lengths),
+    st.builds(Read, probe_paths, offsets, lengths),
+    st.builds(ReadAll, probe_paths, st.sampled_from([4096, 128 << 10, 1 * MiB, 3 * MiB])),
+    st.builds(ReadConcurrent, probe_paths, st.integers(2, 4)),
+    st.builds(Open, probe_paths),
+    st.builds(ReadHeld, slots, offsets, lengths),
+    st.builds(ReadHeld, slots, offsets, lengths),
+    st.builds(Close, slots),
+    st.just(Forget()),
+)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)  # versions are unique: identity is equality
+class Version:
+    vid: int
+    data: bytes = field(repr=False)
+    mtime_ns: int
+
+    def __repr__(self) -> str:
+        return f"v{self.vid}({len(self.data)} B)"
+
+
+@dataclass
+class Tree:
+    files: dict[str, Version] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=set)  # without the root ""
+
+    def copy(self) -> Tree:
+        return Tree(dict(self.files), set(self.dirs))
+
+    def kind(self, path: str) -> int | None:
+        if path == "" or path in self.dirs:
+            return KIND_DIR
+        return KIND_FILE if path in self.files else None
+
+    def children(self, path: str) -> list[str]:
+        prefix = f"{path}/" if path else ""
+        names = {
+            p[len(prefix) :]
+            for p in [*self.files, *self.dirs]
+            if p.startswith(prefix) and "/" not in p[len(prefix) :]
+        }
+        return sorted(names)
+
+    def state(self, path: str):
+        """What a client could have cached about `path` (versions are unique)."""
+        if path in self.files:
+            return ("file", self.files[path].vid)
+        return ("dir",) if path in self.dirs else None
+
+    def paths(self) -> list[str]:
+        return sorted([*self.files, *self.dirs])
+
+    def expected_error(self, path: str) -> int:
+        """The errno of looking up a path the tree does not have."""
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in self.files:
+                return errno.ENOTDIR
+        return errno.ENOENT
+
+
+class Remote:
+    """The remote store: a real directory, mirrored by a Tree (the model's truth)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.tree = Tree()
+        self.history: dict[str, list[Version]] = {}
+        self._vids = 0
+
+    def put(self, path: str, size: int) -> None:
+        parts = path.split("/")
+        for i in range(1, len(parts)):  # a file where a parent directory must be
+            ancestor = "/".join(parts[:i])
+            if ancestor in self.tree.files:
+                self._remove(ancestor)
+            self.tree.dirs.add(ancestor)
+        if path in self.tree.dirs:  # a directory where the file must be
+            self._remove(path)
+        self._vids += 1
+        mtime_ns = MTIME_BASE_NS + self._vids * 10**9
+        version = Version(self._vids, random.Random(self._vids).randbytes(size), mtime_ns)
+        full = self.root / path
+        full.parent.mkdir(parents=True, exist_ok=True)
+        with open(full, "wb") as f:  # in place: truncate and rewrite, same remote inode
+            f.write(version.data)
+        os.utime(full, ns=(mtime_ns, mtime_ns))
+        self.tree.files[path] = version
+        self.history.setdefault(path, []).append(version)
+
+    def delete(self, path: str) -> None:
+        if self.tree.kind(path) is not None:
+            self._remove(path)
+
+    def _remove(self, path: str) -> None:
+        full = self.root / path
+        if path in self.tree.dirs:
+            shutil.rmtree(full)
+            below = f"{path}/"
+            self.tree.dirs = {d for d in self.tree.dirs if d != path and not d.startswith(below)}
+            self.tree.files = {p: v for p, v in self.tree.files.items() if not p.startswith(below)}
+        else:
+            full.unlink()
+            del self.tree.files[path]
+
+    def check_disk(self) -> None:
+        """The directory on disk is what the model says (guards the model itself)."""
+        files, dirs = {}, set()
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel
+            dirs.update(f"{rel}/{d}" if rel else d for d in dirnames)
+            for name in filenames:
+                files[f"{rel}/{name}" if rel else name] = (self.root / rel / name).read_bytes()
+        assert dirs == self.tree.dirs
+        assert files == {p: v.data for p, v in self.tree.files.items()}
+
+
+def describe(got: bytes, offset: int, history: list[Version]) -> str:
+    """Which versions each block-aligned piece of a wrong read came from (for the message)."""
+    pieces = []
+    pos = offset
+    while pos < offset + len(got):
+        end = min((pos // BLOCK_SIZE + 1) * BLOCK_SIZE, offset + len(got))
+        piece = got[pos - offset : end - offset]
+        sources = [repr(v) for v in history if v.data[pos:end] == piece] or ["no version"]
+        pieces.append(f"[{pos}, {end}): {' or '.join(sources)}")
+        pos = end
+    return "; ".join(pieces) or "empty"
+
+
+# --- the harness -----------------------------------------------------------------------------
+
+
+@dataclass
+class Held:
+    fh: int
+    path: str
+    version: Version
+
+
+class Harness:
+    def __init__(self, remote: Remote, master: RpcClient, vfs: Vfs, reader: DataReader):
+        self.remote = remote
+        self.master = master
+        self.vfs = vfs
+        self.reader = reader
+        self.snap = remote.tree.copy()  # what the client sees: the last sync
+        self.polled = self.snap  # the snapshot the client last applied the change log of
+        self.unpolled: list[Tree] = []  # snapshots synced since
+        self.inos: dict[str, int] = {}  # path -> inode in the current snapshot
+        self.polled_inos: dict[str, int] = {}
+        self.unpolled_inos: list[dict[str, int]] = []
+        self.all_inos: set[int] = set()
+        self.lookups: dict[int, int] = {}  # kernel lookup counts the client has handed out
+        self.held: list[Held] = []
+        self.step = ""
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def fail(self, message: str) -> None:
+        raise AssertionError(f"{self.step}: {message}")
+
+    def is_current(self, path: str, version: Version) -> bool:
+        """The remote store still holds exactly this version of the file."""
+        current = self.remote.tree.files.get(path)
+        return current is not None and current.vid == version.vid
+
+    async def resolve(self, path: str) -> Attr | CacheFsError:
+        """Walks the path from the root with Vfs.lookup, as the kernel does."""
+        attr = self.vfs.root
+        for name in (p for p in path.split("/") if p):
+            try:
+                attr = await self.vfs.lookup(attr.ino, name)
+            except CacheFsError as exc:
+                return exc
+            self.lookups[attr.ino] = self.lookups.get(attr.ino, 0) + 1
+        return attr
+
+    def check_attr(self, path: str, attr: Attr) -> None:
+        kind = self.snap.kind(path)
+        if attr.kind != kind:
+            self.fail(f"{path!r} has kind {attr.kind}, the snapshot says {kind}")
+        if path == "":
+            return
+        ino = self.inos.get(path)
+        if ino is not None and attr.ino != ino:
+            self.fail(f"{path!r} has inode {attr.ino}, earlier in this snapshot {ino}")
+        if kind == KIND_FILE:
+            version = self.snap.files[path]
+            if (attr.size, attr.mtime_ns) != (len(version.data), version.mtime_ns):
+                self.fail(
+                    f"{path!r}: size {attr.size}, mtime {attr.mtime_ns}; the snapshot has "
+                    f"{len(version.data)}, {version.mtime_ns}"
+                )
+        elif attr.size != 0:
+            self.fail(f"directory {path!r} has size {attr.size}")
+
+    async def lookup(self, path: str) -> Attr | None:
+        """Resolves and checks `path`; returns its attributes if the snapshot has it."""
+        found = await self.resolve(path)
+        if self.snap.kind(path) is None:
+            if not isinstance(found, CacheFsError):
+                self.fail(f"{path!r} found ({found}), but the snapshot does not have it")
+            expected = self.snap.expected_error(path)
+            if found.errno != expected:
+                self.fail(f"{path!r}: errno {found.errno} ({found!r}), expected {expected}")
+            return None
+        if isinstance(found, CacheFsError):
+            self.fail(f"{path!r} is in the snapshot, lookup failed: {found!r}")
+        self.check_attr(path, found)
+        if await self.vfs.getattr(found.ino) != found:
+            self.fail(f"getattr of {path!r} differs from its lookup")
+        return found
+
+    async def listdir(self, path: str) -> list[tuple[str, Attr]] | None:
+        attr = await self.lookup(path)
+        if attr is None:
+            return None
+        if not attr.is_dir:
+            try:
+                await self.vfs.opendir(attr.ino)
+            except CacheFsError as exc:
+                if exc.errno != errno.ENOTDIR:
+                    self.fail(f"opendir of file {path!r}: {exc!r}")
+                return None
+            self.fail(f"opendir of file {path!r} succeeded")
+        fh = await self.vfs.opendir(attr.ino)
+        entries: list[tuple[str, Attr]] = []
+        try:
+            while page := await self.vfs.readdir(fh, len(entries)):
+                for name, child, position in page:
+                    if position != len(entries) + 1:
+                        self.fail(f"readdir of {path!r}: position {position} after {entries}")
+                    entries.append((name, child))
+                    self.vfs.readdir_accepted(fh, name, child)  # readdirplus
+                    self.lookups[child.ino] = self.lookups.get(child.ino, 0) + 1
+        finally:
+            self.vfs.releasedir(fh)
+        names = [name for name, _ in entries]
+        if names != self.snap.children(path):
+            self.fail(f"readdir {path!r}: {names}, the snapshot has {self.snap.children(path)}")
+        for name, child in entries:
+            self.check_attr(f"{path}/{name}" if path else name, child)
+        return entries
+
+    def check_bytes(
+        self, got: bytes | CacheFsError, held: Held, offset: int, size: int, what: str
+    ) -> None:
+        expected = held.version.data[offset : offset + size]
+        large = len(held.version.data) > BLOCK_SIZE
+        current = self.is_current(held.path, held.version)
+        event(
+            f"{'large' if large else 'small'} {'current' if current else 'stale'} read: "
+            f"{'error' if isinstance(got, CacheFsError) else 'bytes'}"
+        )
+        if isinstance(got, CacheFsError):
+            if current:
+                self.fail(f"{what} of unchanged {held.path!r} failed: {got!r}")
+            return  # the remote lost this version: an error is all the client can honestly do
+        if got != expected:
+            history = self.remote.history[held.path]
+            self.fail(
+                f"{what} of {held.path!r} at {offset}+{size} opened on {held.version!r}: got "
+                f"{len(got)} bytes, expected {len(expected)}; the bytes are "
+                f"{describe(got, offset, history)}; remote versions since: "
+                f"{history[history.index(held.version) :]}"
+            )
+
+    async def open(self, path: str) -> Held | None:
+        """Opens `path` if the snapshot has a file there; checks the error otherwise."""
+        attr = await self.lookup(path)
+        if attr is None:
+            return None
+        if attr.is_dir:
+            try:
+                await self.vfs.open(attr.ino, os.O_RDONLY)
+            except CacheFsError as exc:
+                if exc.errno != errno.EISDIR:
+                    self.fail(f"open of directory {path!r}: {exc!r}")
+                return None
+            self.fail(f"open of directory {path!r} succeeded")
+        fh = await self.vfs.open(attr.ino, os.O_RDONLY)
+        return Held(fh, path, self.snap.files[path])
+
+    async def read(self, held: Held, offset: int, size: int) -> bytes | CacheFsError:
+        direct = self.reader.direct_reads
+        try:
+            got = await self.vfs.read(held.fh, offset, size)
+        except CacheFsError as exc:
+            got = exc
+        if self.reader.direct_reads != direct and self.is_current(held.path, held.version):
+            self.fail(f"a read of unchanged {held.path!r} bypassed the worker")
+        return got
+
+    # ---- remote-side operations -------------------------------------------------------------
+
+    async def sync(self, poll: bool) -> None:
+        old = self.snap
+        report = await self.master.call("dataset_sync", name=DATASET)
+        new = self.snap = self.remote.tree.copy()
+        self.check_report(report, old, new)
+        await self.check_snapshot(old)
+        self.unpolled.append(new)
+        self.unpolled_inos.append(dict(self.inos))
+        if poll:
+            await self.poll()
+
+    def check_report(self, report: dict, old: Tree, new: Tree) -> None:
+        common = old.files.keys() & new.files.keys()
+        expected = {
+            "added": len(new.files.keys() - old.files.keys()),
+            "changed": sum(old.files[p].vid != new.files[p].vid for p in common),
+            "removed": len(old.files.keys() - new.files.keys()),
+            "dirs_added": len(new.dirs - old.dirs),
+            "dirs_removed": len(old.dirs - new.dirs),
+            "files": len(new.files),
+            "dirs": len(new.dirs),
+            "bytes": sum(len(v.data) for v in new.files.values()),
+        }
+        got = {k: report[k] for k in expected}
+        if got != expected:
+            self.fail(f"sync report {got}, expected {expected}")
+
+    async def check_snapshot(self, old: Tree) -> None:
+        """After a sync: every path's attributes and listing, inode rules, statfs, EROFS."""
+        old_inos, self.inos = self.inos, {}
+        for path in PROBE_PATHS + self.snap.paths():
+            attr = await self.lookup(path)
+            if attr is not None:
+                self.inos[path] = attr.ino
+        for path in ["", *sorted(self.snap.dirs)]:
+            await self.listdir(path)  # also checks each entry's inode against its lookup
+        if sorted(self.inos) != self.snap.paths():
+            self.fail(f"resolved {sorted(self.inos)}, the snapshot has {self.snap.paths()}")
+        if len(set(self.inos.values()) | {self.vfs.root.ino}) != len(self.inos) + 1:
+            self.fail(f"inode numbers are not unique: {self.inos}")
+        for path, ino in self.inos.items():
+            same = old.state(path) == self.snap.state(path) and path in old_inos
+            if same and ino != old_inos[path]:
+                self.fail(f"unchanged {path!r} moved from inode {old_inos[path]} to {ino}")
+            if not same and ino in self.all_inos:
+                self.fail(f"new or changed {path!r} reuses inode {ino}")
+        self.all_inos.update(self.inos.values())
+        statfs = await self.vfs.statfs()
+        expected = {
+            "files": len(self.snap.files),
+            "dirs": len(self.snap.dirs),
+            "bytes": sum(len(v.data) for v in self.snap.files.values()),
+        }
+        if statfs != expected:
+            self.fail(f"statfs {statfs}, expected {expected}")
+        for path in self.snap.files:
+            try:
+                await self.vfs.open(self.inos[path], os.O_WRONLY)
+            except CacheFsError as exc:
+                if exc.errno != errno.EROFS:
+                    self.fail(f"open for writing of {path!r}: {exc!r}")
+            else:
+                self.fail(f"open for writing of {path!r} succeeded")
+            break
+
+    async def poll(self) -> None:
+        """Applies the change log; it must name every entry the kernel may hold stale."""
+        changes = await self.vfs.poll_changes()
+        got = set(changes.entries)
+        needed: set[tuple[int, str]] = set()
+        allowed: set[tuple[int, str]] = set()
+        snaps = [self.polled, *self.unpolled]
+        inos = [self.polled_inos, *self.unpolled_inos]
+        root = self.vfs.root.ino
+        for path in {p for s in snaps for p in s.paths()}:
+            parent, _, name = path.rpartition("/")
+            before, after = self.polled.state(path), self.snap.state(path)
+            # The entry as the client last knew it must go, unless it is still the same; its
+            # parent must be the same directory then and now to name it by that inode.
+            ino_then = root if parent == "" else self.polled_inos.get(parent)
+            if before != after and ino_then is not None and ino_then == self.inos.get(parent, -1):
+                needed.add((ino_then, name))
+            for i in range(1, len(snaps)):
+                if snaps[i - 1].state(path) != snaps[i].state(path):
+                    for known in (inos[i - 1], inos[i]):
+                        allowed.add((root if parent == "" else known.get(parent, -1), name))
+        if needed - got:
+            self.fail(f"poll_changes did not invalidate {sorted(needed - got)}; got {sorted(got)}")
+        if len(self.unpolled) < 40 and got - allowed:
+            self.fail(f"poll_changes invalidated unchanged entries {sorted(got - allowed)}")
+        if self.vfs.generation != (await self.master.call("dataset_info", name=DATASET))[
+            "generation"
+        ]:
+            self.fail("the client's generation is behind the master's after a poll")
+        self.polled, self.polled_inos = self.snap, dict(self.inos)
+        self.unpolled, self.unpolled_inos = [], []
+
+    # ---- steps ------------------------------------------------------------------------------
+
+    async def run(self, op) -> None:
+        self.step = repr(op)
+        match op:
+            case Put(path, size):
+                self.remote.put(path, size)
+            case Delete(path):
+                self.remote.delete(path)
+            case Sync(poll):
+                await self.sync(poll)
+            case Lookup(path):
+                await self.lookup(path)
+            case Readdir(path):
+                await self.listdir(path)
+            case Read(path, offset, size):
+                held = await self.open(path)
+                if held is not None:
+                    got = await self.read(held, offset, size)
+                    self.vfs.release(held.fh)
+                    self.check_bytes(got, held, offset, size, "read")
+            case ReadAll(path, chunk):
+                held = await self.open(path)
+                if held is not None:
+                    await self.read_all(held, chunk)
+            case ReadConcurrent(path, n):
+                handles = [await self.open(path) for _ in range(n)]
+                if handles[0] is not None:
+                    await self.read_concurrently(handles)
+            case Open(path):
+                if len(self.held) < MAX_HELD:
+                    held = await self.open(path)
+                    if held is not None:
+                        self.held.append(held)
+            case ReadHeld(slot, offset, size):
+                if self.held:
+                    held = self.held[slot % len(self.held)]
+                    got = await self.read(held, offset, size)
+                    self.check_bytes(got, held, offset, size, "read from a held handle")
+            case Close(slot):
+                if self.held:
+                    self.vfs.release(self.held.pop(slot % len(self.held)).fh)
+            case Forget():
+                self.vfs.forget(sorted(self.lookups.items()))
+                for ino in self.lookups:
+                    try:
+                        await self.vfs.getattr(ino)
+                    except CacheFsError as exc:
+                        if exc.errno != errno.ESTALE:
+                            self.fail(f"getattr of forgotten inode {ino}: {exc!r}")
+                    else:
+                        self.fail(f"inode {ino} is still known after the kernel forgot it")
+                self.lookups.clear()
+            case _:
+                raise AssertionError(f"unknown operation {op!r}")
+
+    async def read_all(self, held: Held, chunk: int) -> None:
+        parts: list[bytes] = []
+        offset = 0
+        try:
+            while True:
+                got = await self.read(held, offset, chunk)
+                if isinstance(got, CacheFsError):
+                    self.check_bytes(got, held, offset, chunk, "sequential read")
+                    return
+                if not got:
+                    break
+                parts.append(got)
+                offset += len(got)
+        finally:
+            self.vfs.release(held.fh)
+        self.check_bytes(b"".join(parts), held, 0, len(held.version.data), "sequential read")
+
+    async def read_concurrently(self, handles: list[Held]) -> None:
+        results: list[bytes | CacheFsError] = [b""] * len(handles)
+
+        async def one(i: int) -> None:
+            results[i] = await self.read(handles[i], 0, len(handles[i].version.data) + 1)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(handles)):
+                nursery.start_soon(one, i)
+        for held, got in zip(handles, results, strict=True):
+            self.vfs.release(held.fh)
+            self.check_bytes(got, held, 0, len(held.version.data) + 1, "concurrent read")
+
+
+# --- one example -----------------------------------------------------------------------------
+
+
+async def run_example(initial: list[Put], ops: list, tmp: Path) -> None:
+    remote = Remote(tmp / "remote")
+    remote.root.mkdir()
+    for put in initial:
+        remote.put(put.path, put.size)
+    store = BlockStore(tmp / "worker", mem_capacity=16 * MiB, shm_dir=tmp / "shm")
+    direct_store = RemoteStore(remote.root.as_uri())
+
+    async def direct() -> RemoteStore:
+        return direct_store
+
+    try:
+        async with trio.open_nursery() as servers:
+            master_address = await servers.start(run_master, ("127.0.0.1", 0), tmp / "master")
+            await servers.start(run_worker, master_address, ("127.0.0.1", 0), store)
+            async with (
+                RpcClient(master_address, name="master") as master,
+                WorkerDirectory(functools.partial(master.call, "workers")) as workers,
+                trio.open_nursery() as client_nursery,
+            ):
+                await master.call("dataset_add", name=DATASET, uri=remote.root.as_uri())
+                await master.call("dataset_sync", name=DATASET)
+                await workers.update()
+                assert len(workers.workers) == 1, workers.workers
+                reader = DataReader(DATASET, workers, direct)
+                vfs = Vfs(DATASET, master, reader, client_nursery)
+                await vfs.start()
+                harness = Harness(remote, master, vfs, reader)
+                harness.step = "first sync"
+                await harness.check_snapshot(Tree())
+                harness.polled_inos = dict(harness.inos)
+                for op in ops:
+                    with trio.fail_after(STEP_TIMEOUT):
+                        await harness.run(op)
+                remote.check_disk()
+                client_nursery.cancel_scope.cancel()
+            servers.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(initial=st.lists(puts, max_size=6), ops=st.lists(operations, min_size=1, max_size=40))
+def test_client_matches_reference_model(initial: list[Put], ops: list) -> None:
+    with tempfile.TemporaryDirectory(prefix="cachefs-model-") as tmp:
+        trio.run(run_example, initial, ops, Path(tmp))
