@@ -65,16 +65,22 @@ def memory(pid: int) -> tuple[float, float]:
 
 async def lookup_rates(address, names, *, calls: int, concurrency: int, batch: int) -> dict:
     async with RpcClient(address, pool_size=1) as client:
-        # Resolve the parent directories once, as a FUSE client's cache would.
-        parents = {}
-        for dirname in {d for d, _ in names[: calls * max(batch, 1)]}:
-            parents[dirname] = Attr.from_wire(
-                await client.call("lookup_path", dataset="bench", path=dirname)
-            ).ino
         rng = random.Random(1)
         sample = [names[rng.randrange(len(names))] for _ in range(calls * batch)]
-        sample = [(parents.get(d), n) for d, n in sample]
-        sample = [(p, n) for p, n in sample if p is not None]
+        # Resolve the sampled names' directories first (untimed), as a FUSE client's cache
+        # would have them.
+        parents: dict[str, int] = {}
+        todo = sorted({d for d, _ in sample})
+
+        async def resolve(chunk):
+            for dirname in chunk:
+                wire = await client.call("lookup_path", dataset="bench", path=dirname)
+                parents[dirname] = Attr.from_wire(wire).ino
+
+        async with trio.open_nursery() as nursery:
+            for c in range(64):
+                nursery.start_soon(resolve, todo[c::64])
+        sample = [(parents[d], n) for d, n in sample]
 
         async def single(chunk):
             for parent, name in chunk:
