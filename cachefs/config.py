@@ -71,9 +71,12 @@ def read_secret(path: str | os.PathLike | None) -> bytes | None:
     if path is None:
         return None
     try:
+        mode = os.stat(path).st_mode
         secret = Path(path).read_bytes().strip()
     except OSError as exc:
         raise InvalidArgument(f"cannot read secret file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise InvalidArgument(f"secret file {path} is readable by others; chmod 600 it")
     if len(secret) < 16:
         raise InvalidArgument(f"secret file {path} holds fewer than 16 bytes")
     return secret

@@ -257,3 +257,26 @@ def test_unreachable_master(tmp_path):
     result = run_cli("dataset", "ls", "--master", "127.0.0.1:1")
     assert result.returncode == 1
     assert "127.0.0.1:1" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_shared_secret_end_to_end(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("a different secret entirely\n")
+    wrong.chmod(0o600)
+    master = master_process(tmp_path, "--secret-file", str(secret))
+    master.start()
+    try:
+        ok = run_cli("dataset", "ls", "--master", master.address, "--secret-file", str(secret))
+        assert ok.returncode == 0, ok.stderr
+        for args in ([], ["--secret-file", str(wrong)]):
+            denied = run_cli("dataset", "ls", "--master", master.address, *args)
+            assert denied.returncode == 1 and denied.stderr.count("\n") == 1
+            assert "auth" in denied.stderr.lower() or "secret" in denied.stderr.lower()
+        secret.chmod(0o644)
+        loose = run_cli("dataset", "ls", "--master", master.address, "--secret-file", str(secret))
+        assert loose.returncode == 2 and "chmod 600" in loose.stderr
+    finally:
+        master.stop()

@@ -680,6 +680,7 @@ async def run_example(initial: list[Put], ops: list, tmp: Path) -> None:
     async def direct() -> RemoteStore:
         return direct_store
 
+    failure: AssertionError | None = None  # raised bare, not wrapped in the nurseries' groups
     try:
         async with trio.open_nursery() as servers:
             master_address = await servers.start(run_master, ("127.0.0.1", 0), tmp / "master")
@@ -697,17 +698,22 @@ async def run_example(initial: list[Put], ops: list, tmp: Path) -> None:
                 vfs = Vfs(DATASET, master, reader, client_nursery)
                 await vfs.start()
                 harness = Harness(remote, master, vfs, reader)
-                harness.step = "first sync"
-                await harness.check_snapshot(Tree())
-                harness.polled_inos = dict(harness.inos)
-                for op in ops:
-                    with trio.fail_after(STEP_TIMEOUT):
-                        await harness.run(op)
-                remote.check_disk()
+                try:
+                    harness.step = "first sync"
+                    await harness.check_snapshot(Tree())
+                    harness.polled_inos = dict(harness.inos)
+                    for op in ops:
+                        with trio.fail_after(STEP_TIMEOUT):
+                            await harness.run(op)
+                    remote.check_disk()
+                except AssertionError as exc:
+                    failure = exc
                 client_nursery.cancel_scope.cancel()
             servers.cancel_scope.cancel()
     finally:
         store.close()
+    if failure is not None:
+        raise failure
 
 
 @settings(
