@@ -17,7 +17,10 @@ import click
 import trio
 
 from cachefs.config import (
+    CONFIG_PATHS,
+    MASTER_ENV,
     format_address,
+    load_config,
     master_address,
     parse_address,
     parse_size,
@@ -96,6 +99,7 @@ def _call_master(master: str | None, secret_file: str | None, method: str, **arg
 
 master_option = click.option(
     "--master",
+    envvar=MASTER_ENV,
     metavar="HOST:PORT",
     help="master address (default $CACHEFS_MASTER or 127.0.0.1:19470)",
 )
@@ -119,11 +123,31 @@ async def _serve_until_signal(service, kind: str) -> None:
                 break
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CACHEFS"}
+)
 @click.option("--log-level", default="WARNING", show_default=True, help="DEBUG, INFO, WARNING...")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help=f"TOML file of option defaults (default: the first of {', '.join(CONFIG_PATHS)})",
+)
 @click.version_option(package_name="cachefs")
-def main(log_level: str) -> None:
-    """cachefs: a distributed read cache for deep-learning training data."""
+@click.pass_context
+def main(ctx: click.Context, log_level: str, config_path: str | None) -> None:
+    """cachefs: a distributed read cache for deep-learning training data.
+
+    Every option can come from the config file ([COMMAND] tables, option names with
+    underscores) or from CACHEFS_<COMMAND>_<OPTION> environment variables; the command line
+    wins over the environment, which wins over the file.
+    """
+    try:
+        ctx.default_map = load_config(config_path)
+    except InvalidArgument as exc:
+        _fail(exc.message, 2)
+    if ctx.get_parameter_source("log_level") == click.core.ParameterSource.DEFAULT:
+        log_level = ctx.default_map.get("log_level", log_level)  # the file's top-level key
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -154,7 +178,7 @@ def master(
 
 
 @main.command()
-@click.option("--master", "master_addr", metavar="HOST:PORT", help="master address")
+@master_option
 @click.option("--listen", default="127.0.0.1:0", show_default=True, metavar="HOST:PORT")
 @click.option("--advertise", metavar="HOST:PORT", help="address clients use (default: --listen)")
 @click.option("--state", required=True, type=click.Path(file_okay=False), help="index and id")
@@ -167,7 +191,7 @@ def master(
 @metrics_option
 @_errors_to_exit
 def worker(
-    master_addr, listen, advertise, state, mem, disk, disk_size, host_id, shm, secret_file, metrics
+    master, listen, advertise, state, mem, disk, disk_size, host_id, shm, secret_file, metrics
 ):
     """Run a cache worker (foreground)."""
     from cachefs import metrics as prometheus
@@ -190,7 +214,7 @@ def worker(
     )
     service = functools.partial(
         run_worker,
-        master_address(master_addr),
+        master_address(master),
         parse_address(listen),
         store,
         advertise=advertise,

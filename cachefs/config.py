@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from pathlib import Path
 
 from cachefs.errors import InvalidArgument
@@ -12,6 +13,31 @@ from cachefs.errors import InvalidArgument
 #: when no `--master` is given (the environment variable overrides it).
 DEFAULT_MASTER = "127.0.0.1:19470"
 MASTER_ENV = "CACHEFS_MASTER"
+
+#: Config files looked for when no --config is given, first found wins.
+CONFIG_PATHS = ("/etc/cachefs/cachefs.toml", "~/.config/cachefs/cachefs.toml")
+CONFIG_ENV = "CACHEFS_CONFIG"
+
+
+def load_config(path: str | None) -> dict:
+    """Option defaults from a TOML file: {"worker": {"mem": "8G"}, "dataset": {"add": {...}}}.
+
+    Keys are option names with underscores; tables are (sub)commands. No file: {}.
+    """
+    explicit = path or os.environ.get(CONFIG_ENV)
+    if explicit and not os.path.exists(explicit):
+        raise InvalidArgument(f"config file {explicit} does not exist")
+    found = [explicit] if explicit else [
+        p for p in map(os.path.expanduser, CONFIG_PATHS) if os.path.exists(p)
+    ]  # fmt: skip
+    if not found:
+        return {}
+    try:
+        with open(found[0], "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidArgument(f"cannot read config file {found[0]}: {exc}") from None
+
 
 _SIZE_UNITS = {
     "": 1,
