@@ -153,28 +153,50 @@ def main(ctx: click.Context, log_level: str, config_path: str | None) -> None:
     )
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--listen", default="127.0.0.1:19470", show_default=True, metavar="HOST:PORT")
-@click.option("--state", required=True, type=click.Path(file_okay=False), help="state directory")
+@click.option("--state", type=click.Path(file_okay=False), help="state directory (required)")
+@click.option("--restore", type=click.Path(dir_okay=False, exists=True),
+              help="start from a backup file (the state directory must be new)")  # fmt: skip
 @secret_option
 @metrics_option
 @click.option(
     "--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped"
 )
+@click.pass_context
 @_errors_to_exit
-def master(
-    listen: str, state: str, secret_file: str | None, metrics: str | None, liveness: float
-) -> None:
-    """Run the metadata master (foreground)."""
+def master(ctx, listen, state, restore, secret_file, metrics, liveness) -> None:
+    """Run the metadata master (foreground); `cachefs master backup FILE` copies its state."""
+    if ctx.invoked_subcommand is not None:
+        return
     from cachefs import metrics as prometheus
+    from cachefs.master.namespace import restore_backup
     from cachefs.master.service import run_master
 
+    if state is None:
+        raise click.UsageError("Missing option '--state'.")
+    if restore:
+        restore_backup(restore, state)
     prometheus.serve(metrics)
     secret = read_secret(secret_file)
     address = parse_address(listen)
-
     service = functools.partial(run_master, address, state, secret=secret, liveness=liveness)
     trio.run(_serve_until_signal, service, "master")
+
+
+@master.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@master_option
+@secret_option
+@_errors_to_exit
+def master_backup(file, master, secret_file) -> None:
+    """Write a consistent copy of a running master's state to FILE (on the master's host)."""
+    from pathlib import Path
+
+    path = str(Path(file).resolve())
+    result = _call_master(master, secret_file, "backup", path=path)
+    click.echo(f"backup of {result['datasets']} datasets written to {path} "
+               f"({_human_bytes(result['bytes'])})")  # fmt: skip
 
 
 @main.command()

@@ -22,6 +22,8 @@ service runs in a worker thread. lmdb allows one writer and many concurrent read
 
 from __future__ import annotations
 
+import os
+import shutil
 import struct
 import time
 from collections.abc import Iterable, Iterator
@@ -57,6 +59,19 @@ def _unpack(raw) -> object:
 
 def _attr(record: list) -> Attr:
     return Attr(*record[:6])
+
+
+def restore_backup(backup: str | Path, state_dir: str | Path) -> None:
+    """Seeds a new state directory from a backup file written by `MetadataStore.backup`."""
+    target = Path(state_dir) / "meta.lmdb"
+    if target.exists():
+        raise AlreadyExists(f"{state_dir} already holds master state; restore into a new one")
+    target.mkdir(parents=True, mode=0o700)
+    shutil.copyfile(backup, target / "data.mdb")
+    with lmdb.open(str(target), readonly=True, max_dbs=8) as env, env.begin() as txn:
+        if txn.get(b"datasets") is None:  # not a cachefs master store
+            shutil.rmtree(target)
+            raise InvalidArgument(f"{backup} is not a cachefs master backup")
 
 
 @dataclass
@@ -98,6 +113,17 @@ class MetadataStore:
 
     def close(self) -> None:
         self.env.close()
+
+    def backup(self, path: str) -> int:
+        """A consistent, compacted copy of the whole store to one file (safe while serving)."""
+        tmp = f"{path}.partial"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            self.env.copyfd(fd, compact=True)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)  # never a half-written backup under the final name
+        return os.path.getsize(path)
 
     # ---- counters -------------------------------------------------------------------------
 

@@ -67,6 +67,10 @@ class MasterService:
         log.info("dataset %s added: %s", name, uri)
         return info
 
+    async def rpc_backup(self, path: str) -> dict:
+        size = await trio.to_thread.run_sync(self.store.backup, path)
+        return {"bytes": size, "datasets": len(self.store.datasets())}
+
     async def rpc_dataset_list(self) -> list[dict]:
         return self.store.datasets()
 

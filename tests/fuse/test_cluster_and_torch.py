@@ -119,3 +119,35 @@ def test_sigterm_unmounts_cleanly(mounts, tmp_path):
         time.sleep(0.05)  # waiting for another process to exit: no event to wait on
     assert not os.path.exists(f"/proc/{pid}")
     assert not os.path.ismount(mnt)
+
+
+def test_backup_restores_into_a_new_master_that_mounts(mounts, tmp_path):
+    source = tmp_path / "source"
+    digests = make_files(source, 60, seed=7)
+    master = master_process(tmp_path)
+    master.start()
+    try:
+        added = run_cli("dataset", "add", "ds", source.as_uri(), "--master", master.address)
+        assert added.returncode == 0, added.stderr
+        backup = tmp_path / "meta.backup"
+        result = run_cli("master", "backup", str(backup), "--master", master.address)
+        assert result.returncode == 0 and "backup of 1 datasets" in result.stdout, result.stderr
+    finally:
+        master.stop()
+
+    not_backup = tmp_path / "junk"
+    not_backup.write_bytes(b"\0" * 8192)
+    bad = run_cli("master", "--state", str(tmp_path / "s-bad"), "--restore", str(not_backup))
+    assert bad.returncode != 0
+
+    restored = master_process(tmp_path / "r", "--restore", str(backup))
+    (tmp_path / "r").mkdir()
+    restored.start()
+    worker = worker_process(tmp_path, restored.address, "w1", "64M")
+    try:
+        worker.start()
+        mnt = mounts.mount("ds", "--master", restored.address)
+        assert read_all(mnt, digests) == digests
+    finally:
+        worker.stop()
+        restored.stop()
