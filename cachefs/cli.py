@@ -160,12 +160,13 @@ def main(ctx: click.Context, log_level: str, config_path: str | None) -> None:
               help="start from a backup file (the state directory must be new)")  # fmt: skip
 @secret_option
 @metrics_option
+@click.option("--http", metavar="HOST:PORT", help="serve the web console and JSON API here")
 @click.option(
     "--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped"
 )
 @click.pass_context
 @_errors_to_exit
-def master(ctx, listen, state, restore, secret_file, metrics, liveness) -> None:
+def master(ctx, listen, state, restore, secret_file, metrics, http, liveness) -> None:
     """Run the metadata master (foreground); `cachefs master backup FILE` copies its state."""
     if ctx.invoked_subcommand is not None:
         return
@@ -180,7 +181,10 @@ def master(ctx, listen, state, restore, secret_file, metrics, liveness) -> None:
     prometheus.serve(metrics)
     secret = read_secret(secret_file)
     address = parse_address(listen)
-    service = functools.partial(run_master, address, state, secret=secret, liveness=liveness)
+    service = functools.partial(
+        run_master, address, state, secret=secret, liveness=liveness,
+        http=parse_address(http) if http else None,
+    )  # fmt: skip
     trio.run(_serve_until_signal, service, "master")
 
 

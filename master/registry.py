@@ -89,5 +89,8 @@ class WorkerRegistry:
             self._changed()
         return dead
 
+    def now(self) -> float:
+        return self._clock()
+
     def live(self) -> list[WorkerInfo]:
         return sorted(self._workers.values(), key=lambda info: info.worker_id)

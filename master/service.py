@@ -14,6 +14,7 @@ import trio
 from cachefs import __version__
 from cachefs.config import format_address
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound
+from cachefs.master.console import Console
 from cachefs.master.jobs import LoadJobs, check_schedule
 from cachefs.master.namespace import MetadataStore
 from cachefs.master.registry import WorkerRegistry
@@ -217,6 +218,7 @@ class MasterService:
             "datasets": datasets,
             "epoch": self.registry.epoch,
             "workers": workers,
+            "now": self.registry.now(),  # the clock of the workers' last_seen
             "jobs": self.store.jobs(),
         }
 
@@ -296,12 +298,20 @@ class MasterService:
                 log.warning("worker %s missed its heartbeats; dropped", worker_id)
 
 
+async def _stop_on_cancel(stop) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        stop()
+
+
 async def run_master(
     listen: tuple[str, int],
     state_dir: str | Path,
     *,
     secret: bytes | None = None,
     liveness: float = 10.0,
+    http: tuple[str, int] | None = None,
     local: dict | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -323,6 +333,10 @@ async def run_master(
             server = RpcServer(service, secret=secret, name="master")
             bound = await nursery.start(server.serve, *listen)
             nursery.start_soon(service.expire_workers)
+            if http is not None:
+                console = Console(service, *http, trio.lowlevel.current_trio_token())
+                console.start()
+                nursery.start_soon(_stop_on_cancel, console.stop)
             log.info("master listening on %s, state in %s", format_address(bound), state_dir)
             task_status.started(bound)
     finally:

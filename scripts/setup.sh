@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what cachefs needs on a fresh Debian/Ubuntu machine: FUSE 3 and a venv in .venv.
+# Installs what cachefs needs on a fresh Debian/Ubuntu machine: FUSE 3, Chromium (for the
+# console test) and a venv in .venv with the [test,torch] extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -7,6 +8,7 @@ need_apt=()
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 pkg-config --exists fuse3 2>/dev/null || need_apt+=(libfuse3-dev)
+command -v chromium >/dev/null || need_apt+=(chromium)  # the web console's browser test
 if ((${#need_apt[@]})); then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
