@@ -81,6 +81,12 @@ class TimedOut(Unavailable):
     errno = _errno.ETIMEDOUT
 
 
+class StaleVersion(CacheFsError):
+    """The remote file is no longer the version the namespace snapshot recorded."""
+
+    errno = _errno.ESTALE
+
+
 class ProtocolError(CacheFsError):
     """A peer sent something that is not valid cachefs protocol."""
 

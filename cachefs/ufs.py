@@ -464,6 +464,28 @@ class RemoteStore:
                 return b""
             return f.read_at(min(length, size - offset), offset)
 
+    def _read_version_sync(
+        self, rel: str, offset: int, length: int, size: int, mtime_ns: int
+    ) -> bytes:
+        """A read that fails unless the file is that version before and after the read."""
+
+        def same() -> bool:
+            entry = self._stat_sync(rel)
+            return entry is not None and (entry.size, entry.mtime_ns) == (size, mtime_ns)
+
+        if not same():
+            raise errors.StaleVersion(self._stale_message(rel))
+        data = self._read_sync(rel, offset, length)
+        if not same():  # it changed while we read: the bytes may be a mix
+            raise errors.StaleVersion(self._stale_message(rel))
+        return data
+
+    def _stale_message(self, rel: str) -> str:
+        return (
+            f"{self._u.display(rel)} changed in the remote store since the last sync; "
+            "run `cachefs dataset sync`"
+        )
+
     # Public API.
     async def check(self) -> None:
         """The root must exist and be a directory."""
@@ -486,6 +508,23 @@ class RemoteStore:
         if offset < 0 or length < 0:
             raise errors.InvalidArgument(f"invalid range {offset}+{length} for {path!r}")
         data = await self._run("read", rel, self._read_sync, rel, offset, length)
+        metrics.UFS_READ_BYTES.inc(len(data))
+        return data
+
+    async def read_version(
+        self, path: str, offset: int, length: int, size: int, mtime_ns: int
+    ) -> bytes:
+        """Like read_range, but only from the file version (size, mtime) a sync recorded.
+
+        Raises StaleVersion if the remote file is another version before or after the read,
+        so a cache never stores, and a reader never gets, bytes of a version it did not ask for.
+        """
+        rel = _clean_rel(path)
+        if offset < 0 or length < 0:
+            raise errors.InvalidArgument(f"invalid range {offset}+{length} for {path!r}")
+        data = await self._run(
+            "read", rel, self._read_version_sync, rel, offset, length, size, mtime_ns
+        )
         metrics.UFS_READ_BYTES.inc(len(data))
         return data
 

@@ -62,7 +62,7 @@ class DataReader:
                 log.info("worker %s could not serve %s: %s", worker_id, path, exc.message)
         self.direct_reads += 1
         remote = await self._direct()
-        return await remote.read_range(path, offset, length)
+        return await remote.read_version(path, offset, length, attr.size, attr.mtime_ns)
 
     async def cached_bytes(self, path: str, attr: Attr) -> tuple[int, str | None]:
         """(bytes of this file in the owner's cache, owner id) — for the xattrs."""

@@ -93,8 +93,9 @@ class WorkerService:
         if offset >= end:
             return b"", True
         key = cache_key(dataset, path, size, mtime_ns, etag)
+        version = (size, mtime_ns)
         if size <= BLOCK_SIZE:
-            data, hit = await self._object(key, dataset, path, 0, size)
+            data, hit = await self._object(key, dataset, path, version, 0, size)
             return data[offset:end], hit
         first, last = offset // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
         parts: list = [None] * (last - first + 1)
@@ -103,7 +104,9 @@ class WorkerService:
         async def one(i: int) -> None:
             start = i * BLOCK_SIZE
             block_len = min(BLOCK_SIZE, size - start)
-            data, hit = await self._object(block_key(key, i), dataset, path, start, block_len)
+            data, hit = await self._object(
+                block_key(key, i), dataset, path, version, start, block_len
+            )
             lo, hi = max(offset, start) - start, min(end, start + block_len) - start
             parts[i - first] = data[lo:hi]
             hits.append(hit)
@@ -117,7 +120,7 @@ class WorkerService:
         return b"".join(parts), all(hits)
 
     async def _object(
-        self, key: bytes, dataset: str, path: str, offset: int, length: int
+        self, key: bytes, dataset: str, path: str, version: tuple, offset: int, length: int
     ) -> tuple[bytes, bool]:
         data = self.store.get(key)
         if data is not None:
@@ -127,20 +130,21 @@ class WorkerService:
             if self._nursery is None:
                 raise Unavailable("worker is not running")
             fill = self._fills[key] = _Fill()
-            self._nursery.start_soon(self._fill, key, fill, dataset, path, offset, length)
+            self._nursery.start_soon(self._fill, key, fill, dataset, path, version, offset, length)
         await fill.done.wait()
         if fill.error is not None:
             raise fill.error
         return fill.data, False
 
     async def _fill(
-        self, key: bytes, fill: _Fill, dataset: str, path: str, offset: int, length: int
+        self, key: bytes, fill: _Fill, dataset: str, path: str, version, offset, length
     ) -> None:
         try:
             remote = await self._remote_for(dataset)
             async with self._fill_limiter:
                 self.remote_reads += 1
-                data = await remote.read_range(path, offset, length)
+                # Only the version the key names may be cached under it (StaleVersion if not).
+                data = await remote.read_version(path, offset, length, *version)
             self.remote_bytes += len(data)
             if len(data) != length:
                 raise CacheFsError(

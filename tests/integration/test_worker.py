@@ -7,14 +7,17 @@ filesystem. Process tests run `cachefs master` and `cachefs worker` as separate 
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from cachefs.config import parse_address
+from cachefs.errors import StaleVersion
 from cachefs.rpc import RpcClient, RpcServer
 from cachefs.ufs import RemoteStore
 from cachefs.worker.service import WorkerService
@@ -68,18 +71,29 @@ async def served_worker(tmp_path: Path, source: Path, *, mem=64 * MiB, disk=0):
             await nursery.start(service.run)
             bound = await nursery.start(RpcServer(service).serve, "127.0.0.1", 0)
             async with RpcClient(bound, pool_size=2) as client:
-                yield client, service, counting
+                yield SnapshotReader(client, source), service, counting
             nursery.cancel_scope.cancel()
     finally:
         store.close()
 
 
-async def read(client, rel, data, mtime_ns=1, offset=0, length=None):
-    value, payload = await client.call_with_payload(
-        "read", dataset="ds", path=rel, size=len(data), mtime_ns=mtime_ns,
-        offset=offset, length=len(data) if length is None else length,
-    )  # fmt: skip
-    return value, payload
+class SnapshotReader:
+    """Reads through the worker the file versions (size, mtime) seen when it was created,
+    as a client reads the versions of its dataset snapshot."""
+
+    def __init__(self, client: RpcClient, source: Path):
+        self.client = client
+        self.mtimes = {
+            p.relative_to(source).as_posix(): p.stat().st_mtime_ns
+            for p in source.rglob("*")
+            if p.is_file()
+        }
+
+    async def read(self, rel, data, offset=0, length=None):
+        return await self.client.call_with_payload(
+            "read", dataset="ds", path=rel, size=len(data), mtime_ns=self.mtimes[rel],
+            offset=offset, length=len(data) if length is None else length,
+        )  # fmt: skip
 
 
 async def test_single_flight_100_concurrent_reads_one_remote_read(tmp_path):
@@ -90,7 +104,7 @@ async def test_single_flight_100_concurrent_reads_one_remote_read(tmp_path):
         results = []
 
         async def reader():
-            results.append((await read(client, rel, data))[1])
+            results.append((await client.read(rel, data))[1])
 
         async with trio.open_nursery() as nursery:
             for _ in range(100):
@@ -109,7 +123,7 @@ async def test_large_file_blocks_and_random_ranges(tmp_path):
         for _ in range(60):
             offset = rng.randrange(len(data))
             length = rng.choice([1, 4096, 1 * MiB, 5 * MiB])
-            _, payload = await read(client, rel, data, offset=offset, length=length)
+            _, payload = await client.read(rel, data, offset=offset, length=length)
             assert payload == data[offset : offset + length]
         assert counting.opens == 3  # three blocks, each fetched once
 
@@ -119,14 +133,14 @@ async def test_corrupt_slot_on_disk_is_refetched(tmp_path):
     files = write_files(source, [200_000])
     ((rel, data),) = files.items()
     async with served_worker(tmp_path, source, mem=0, disk=16 * MiB) as (client, svc, counting):
-        assert (await read(client, rel, data))[1] == data
+        assert (await client.read(rel, data))[1] == data
         loc = next(iter(svc.store._locations.values()))
         flip_byte(svc.store.tiers["disk"].path, loc.slot.offset + 1234)
-        value, payload = await read(client, rel, data)
+        value, payload = await client.read(rel, data)
         assert payload == data and value == {"hit": False}
         assert svc.stats()["corrupt"] == 1
         assert counting.opens == 2
-        assert (await read(client, rel, data)) == ({"hit": True}, data)
+        assert (await client.read(rel, data)) == ({"hit": True}, data)
 
 
 async def test_full_cache_64mib_256mib_twice(tmp_path):
@@ -143,7 +157,7 @@ async def test_full_cache_64mib_256mib_twice(tmp_path):
         async def check(rel, data):
             nonlocal peak
             async with sem:
-                assert (await read(client, rel, data))[1] == data
+                assert (await client.read(rel, data))[1] == data
                 used = service.store.tiers["mem"].used_bytes
                 peak = max(peak, used)
 
@@ -156,17 +170,18 @@ async def test_full_cache_64mib_256mib_twice(tmp_path):
 
 
 async def test_changed_remote_file_is_an_error_not_stale_bytes(tmp_path):
+    """An overwrite after the snapshot, even at the same size, is never served or cached."""
     source = tmp_path / "src"
-    files = write_files(source, [5000])
-    ((rel, data),) = files.items()
-    (source / rel).write_bytes(b"short")
+    files = write_files(source, [5000, 7000])
+    (same, data), (shorter, data2) = files.items()
     async with served_worker(tmp_path, source) as (client, service, counting):
-        try:
-            await read(client, rel, data)
-        except Exception as exc:  # noqa: BLE001 - checking the message below
-            assert "changed in the remote store" in str(exc)
-        else:
-            raise AssertionError("a size mismatch must not be served")
+        (source / same).write_bytes(bytes(5000))  # same size, new content and mtime
+        os.utime(source / same, ns=(client.mtimes[same] + 10**9, client.mtimes[same] + 10**9))
+        (source / shorter).write_bytes(b"short")
+        for rel, old in ((same, data), (shorter, data2)):
+            with pytest.raises(StaleVersion, match="changed in the remote store"):
+                await client.read(rel, old)
+        assert service.store.stats()["datasets"] == {}  # nothing was cached
 
 
 def test_worker_process_restart_serves_1000_files_without_remote_reads(tmp_path):
