@@ -17,9 +17,12 @@ every file once per row, in this order:
     The worker's counters confirm it: cold = one remote read per file (per 4 MiB block),
     warm and second epoch = no remote read.
 
-`--delay-ms D` puts a small TCP proxy (a subprocess) between every S3 reader and moto that
-holds each client-to-server chunk (about one per HTTP request) for D ms, a crude stand-in for
+`--delay-ms D` puts a small TCP proxy (a subprocess, benchmarks/harness.py) between every S3
+reader and moto that holds the first chunk of each HTTP response for D ms, a crude stand-in for
 a remote store's first-byte latency; without it "remote" is loopback-fast.
+
+The dataset, the store, the proxy and the verified reader are shared with run_all.py
+(benchmarks/dataset.py, benchmarks/harness.py).
 
     python benchmarks/bench_read.py                 # ~3,000 files (needs root for drop_caches)
     python benchmarks/bench_read.py --quick         # ~1,000 files
@@ -32,196 +35,51 @@ section in that file.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
+import dataclasses
 import itertools
-import math
 import os
 import random
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import psutil
-import trio
-import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.dataset import Shape, make_dataset  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    CpuMeter,
+    DelayProxy,
+    drop_caches,
+    embedded_worker_stats,
+    file_reader,
+    read_pass,
+    s3_reader,
+    start_store,
+    stop,
+    upload,
+)
+from benchmarks.harness import profiled as _profiled  # noqa: E402
 from benchmarks.results import replace_section  # noqa: E402
-from cachefs.errors import CacheFsError  # noqa: E402
 from cachefs.fuse.mount import pid_file  # noqa: E402
-from cachefs.rpc import RpcClient  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE  # noqa: E402
-from tests.conftest import MotoServer, _free_port, _start_moto  # noqa: E402
 from tests.procs import run_cli  # noqa: E402
 
 MiB = 1 << 20
-FRAMES_PER_DIR = 10
-SMALL_MEDIAN, SMALL_SIGMA = 48_000, 0.8  # frames: log-normal, median ~48 KB
-LARGE_EVERY = 100  # one file in LARGE_EVERY is "large": log-normal median 2.5 MB, capped
-LARGE_MEDIAN, LARGE_SIGMA, LARGE_CAP = 2_500_000, 0.5, 6 * MiB
 BUCKET, PREFIX = "bench-read", "rawframes"
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
+#: this benchmark's size mix (run_all.py uses dataset.py's defaults): frames log-normal with
+#: median ~48 KB, and one file in a hundred of a few MB (median 2.5 MB, capped at 6 MiB)
+SHAPE = Shape(
+    median=48_000, sigma=0.8, min_size=1,
+    large_every=100, large_median=2_500_000, large_sigma=0.5, large_cap=6 * MiB,
+)  # fmt: skip
 
 # relative path -> (size, xxh3_64 of the content)
 Manifest = dict[str, tuple[int, int]]
-
-
-# --- data -------------------------------------------------------------------------------------
-
-
-def make_dataset(root: Path, files: int, seed: int) -> Manifest:
-    """`files` seeded pseudo-random frames in directories of 10 under `root`."""
-    rng = random.Random(seed)
-    manifest = {}
-    for i in range(files):
-        video = i // FRAMES_PER_DIR
-        rel = f"class_{video // 100:03d}/video_{video:05d}/img_{i % FRAMES_PER_DIR:05d}.jpg"
-        if rng.randrange(LARGE_EVERY) == 0:
-            size = rng.lognormvariate(math.log(LARGE_MEDIAN), LARGE_SIGMA)
-            size = min(int(size), LARGE_CAP)
-        else:
-            size = max(1, int(rng.lognormvariate(math.log(SMALL_MEDIAN), SMALL_SIGMA)))
-        data = rng.randbytes(size)
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        manifest[rel] = (size, xxhash.xxh3_64_intdigest(data))
-    return manifest
-
-
-def upload(server: MotoServer, root: Path, manifest: Manifest, threads: int) -> None:
-    client = server.client  # boto3 clients are thread-safe
-
-    def put(rel: str) -> None:
-        client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{rel}", Body=(root / rel).read_bytes())
-
-    server.create_bucket(BUCKET)
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(put, manifest))
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-# --- the reader -------------------------------------------------------------------------------
-
-
-def read_pass(read: Callable[[str], bytes], order: list[str], manifest: Manifest, threads: int):
-    """Reads every file of `order` with `threads` threads taking the next file in order.
-
-    Returns (seconds, bytes); raises if any file was unreadable or had the wrong content.
-    """
-    counter = itertools.count()  # next() on it is atomic under the GIL
-
-    def reader() -> int:
-        total = 0
-        while (i := next(counter)) < len(order):
-            rel = order[i]
-            data = read(rel)
-            size, digest = manifest[rel]
-            if len(data) != size or xxhash.xxh3_64_intdigest(data) != digest:
-                raise AssertionError(f"{rel}: wrong content ({len(data)} bytes, expected {size})")
-            total += len(data)
-        return total
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        futures = [pool.submit(reader) for _ in range(threads)]
-        total = sum(f.result() for f in futures)
-    return time.perf_counter() - started, total
-
-
-def file_reader(root: Path) -> Callable[[str], bytes]:
-    def read(rel: str) -> bytes:
-        with open(root / rel, "rb") as f:
-            return f.read()
-
-    return read
-
-
-def s3_reader(endpoint: str) -> Callable[[str], bytes]:
-    import pyarrow.fs as pafs
-
-    fs = pafs.S3FileSystem(
-        access_key=AWS_ENV["AWS_ACCESS_KEY_ID"],
-        secret_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-        region=AWS_ENV["AWS_DEFAULT_REGION"],
-        endpoint_override=endpoint,
-        scheme="http",
-    )
-
-    def read(rel: str) -> bytes:
-        with fs.open_input_stream(f"{BUCKET}/{PREFIX}/{rel}") as f:
-            return f.read()
-
-    return read
-
-
-class CpuMeter:
-    """CPU seconds used by this process and by other processes (by pid) during a block."""
-
-    def __init__(self, **pids: int | None):
-        self.procs = {"reader": psutil.Process()}
-        self.procs.update({name: psutil.Process(pid) for name, pid in pids.items() if pid})
-
-    def _now(self) -> dict[str, float]:
-        out = {}
-        for name, proc in self.procs.items():
-            try:
-                times = proc.cpu_times()
-            except psutil.Error:
-                continue
-            out[name] = times.user + times.system
-        return out
-
-    @contextlib.contextmanager
-    def measure(self, into: dict):
-        before = self._now()
-        yield
-        after = self._now()
-        into.update({name: after[name] - before[name] for name in before if name in after})
-
-
-# --- the mount --------------------------------------------------------------------------------
-
-
-def listening_ports(pid: int) -> list[int]:
-    conns = psutil.Process(pid).net_connections(kind="tcp")
-    return sorted({c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN})
-
-
-def worker_stats(pid: int) -> dict | None:
-    """The embedded worker's `stats` (found among the mount process's listening ports)."""
-
-    async def ask() -> dict | None:
-        for port in listening_ports(pid):
-            try:
-                async with RpcClient(("127.0.0.1", port), timeout=10) as client:
-                    reply = await client.call("stats")
-            except CacheFsError:
-                continue  # the embedded master: no such method
-            if isinstance(reply, dict) and "remote_reads" in reply:
-                return reply
-        return None
-
-    return trio.run(ask)
 
 
 def remote_reads_needed(manifest: Manifest) -> int:
@@ -231,31 +89,13 @@ def remote_reads_needed(manifest: Manifest) -> int:
 
 @contextlib.contextmanager
 def profiled(pid: int, out_dir: Path | None, label: str):
-    """py-spy records `pid` while the block runs: 200 Hz, only samples holding the GIL (where
-    the process's Python CPU goes), collapsed stacks; sampling pauses the process briefly."""
+    """py-spy records the mount process while the block runs (see harness.profiled)."""
     if out_dir is None:
         yield
         return
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"cachefs-{label}.txt"
-    proc = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--output", str(out)]
-        + ["--rate", "200", "--gil"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    line = proc.stdout.readline()  # "py-spy> Sampling process ..." once it is attached
-    if "Sampling" not in line:
-        proc.kill()
-        raise RuntimeError(f"py-spy did not start: {line.strip()} {proc.stdout.read()[-500:]}")
-    try:
+    with _profiled({"mount": pid}, out_dir, f"cachefs-{label}") as paths:
         yield
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-        print(f"profile of the mount process: {out}", flush=True)
+    print(f"profile of the mount process: {paths['mount']}", flush=True)
 
 
 def unmount(mountpoint: Path) -> None:
@@ -267,79 +107,22 @@ def unmount(mountpoint: Path) -> None:
         print(f"umount failed ({result.stderr.strip()}); lazily unmounted", file=sys.stderr)
 
 
-# --- a latency-adding proxy in front of moto ----------------------------------------------------
-
-
-async def _proxy(listen_port: int, target: str, delay: float) -> None:
-    host, port = target.rsplit(":", 1)
-
-    async def pump(src, dst, hold: float) -> None:
-        try:
-            while data := await src.read(1 << 16):
-                if hold:
-                    await asyncio.sleep(hold)
-                dst.write(data)
-                await dst.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                dst.close()
-
-    async def handle(client_r, client_w) -> None:
-        try:
-            server_r, server_w = await asyncio.open_connection(host, int(port))
-        except OSError:
-            client_w.close()
-            return
-        await asyncio.gather(pump(client_r, server_w, delay), pump(server_r, client_w, 0.0))
-
-    server = await asyncio.start_server(handle, "127.0.0.1", listen_port, backlog=512)
-    print("proxy ready", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
-def start_proxy(target: str, delay_ms: float) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--proxy-serve", str(port), target, str(delay_ms)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    if proc.stdout.readline().strip() != "proxy ready":
-        proc.kill()
-        raise RuntimeError("the delay proxy did not start")
-    return proc, f"127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
 def run(args, workdir: Path) -> tuple[list[dict], dict]:
     info: dict = {}
-    os.environ.update(AWS_ENV)  # boto3, pyarrow and the mount process read them
     moto = proxy = None
     mountpoint = workdir / "mnt"
     shm_dir: Path | None = None
     try:
-        moto, endpoint = _start_moto(workdir / "moto.log")
-        server = MotoServer(endpoint)
+        moto, server = start_store(workdir / "moto.log")
+        endpoint = server.endpoint
         local = workdir / "local"
         t = time.perf_counter()
-        manifest = make_dataset(local, args.files, args.seed)
-        upload(server, local, manifest, args.threads)
+        shape = dataclasses.replace(SHAPE, files=args.files, seed=args.seed)
+        manifest = make_dataset(local, shape)
+        upload(server, BUCKET, PREFIX, local, manifest, args.threads)
         info["files"] = len(manifest)
         info["bytes"] = sum(size for size, _ in manifest.values())
         info["large"] = sum(1 for size, _ in manifest.values() if size > BLOCK_SIZE)
@@ -350,7 +133,8 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
             flush=True,
         )
         if args.delay_ms:
-            proxy, endpoint = start_proxy(endpoint, args.delay_ms)
+            proxy = DelayProxy(endpoint, args.delay_ms)
+            endpoint = proxy.endpoint
         order = sorted(manifest)
         random.Random(args.seed + 1).shuffle(order)
 
@@ -373,7 +157,7 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
         meter = CpuMeter(moto=moto.pid, proxy=proxy.pid if proxy else None)
         measure("local disk, cold (drop_caches)", file_reader(local), meter, drop=True)
         measure("local disk, warm (page cache)", file_reader(local), meter, drop=False)
-        measure("direct S3 (pyarrow)", s3_reader(endpoint), meter, drop=True)
+        measure("direct S3 (pyarrow)", s3_reader(endpoint, BUCKET, PREFIX), meter, drop=True)
 
         mountpoint.mkdir()
         drop_caches()
@@ -390,7 +174,7 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
         pid = int(pid_file(mountpoint).read_text())
         info["mount_pid"] = pid
         print(f"mounted in {info['mount_s']:.1f} s (pid {pid}, metadata synced)", flush=True)
-        before = worker_stats(pid)
+        before = embedded_worker_stats(pid)
         if before is not None:
             shm_dir = Path("/dev/shm") / f"cachefs-{before['worker_id']}"
             print(f"embedded worker {before['worker_id']}", flush=True)
@@ -406,7 +190,7 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
                 drop_caches()  # before the profiler starts
             with profiled(pid, args.profile, label):
                 measure(name, mounted, meter, drop=False)
-            counters.append(worker_stats(pid))
+            counters.append(embedded_worker_stats(pid))
         if all(c is not None for c in counters):
             pairs = list(itertools.pairwise(counters))
             remote = [b["remote_reads"] - a["remote_reads"] for a, b in pairs]
@@ -419,7 +203,8 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
         return rows, info
     finally:
         unmount(mountpoint)
-        stop(proxy)
+        if proxy is not None:
+            proxy.stop()
         stop(moto)
         if shm_dir is not None:
             shutil.rmtree(shm_dir, ignore_errors=True)
@@ -450,9 +235,6 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--proxy-serve":  # the delay proxy subprocess
-        asyncio.run(_proxy(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) / 1000))
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=None, help="dataset size (default 3000)")
     parser.add_argument("--quick", action="store_true", help="1,000 files")
@@ -490,7 +272,7 @@ def main() -> None:
         command = shlex.join(["python", "benchmarks/bench_read.py", *argv])
         cores = os.cpu_count()
         remote = (
-            f"each S3 request held {args.delay_ms:g} ms by a TCP proxy"
+            f"each S3 response held {args.delay_ms:g} ms by a TCP proxy"
             if args.delay_ms
             else 'so the "remote" store is about loopback-fast (no --delay-ms)'
         )
