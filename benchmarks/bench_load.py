@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import replace_section  # noqa: E402
-from tests.conftest import MotoServer, _start_moto  # noqa: E402
+from tests.conftest import MotoServer, _start_moto, set_fake_aws_credentials  # noqa: E402
 from tests.procs import master_process, run_cli, worker_process  # noqa: E402
 
 
@@ -59,13 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
-        os.environ.setdefault(key, value)
+    set_fake_aws_credentials()
     work = Path(tempfile.mkdtemp(prefix="cachefs-bench-load-"))
     moto, endpoint = _start_moto(work / "moto.log")
     master = master_process(work)

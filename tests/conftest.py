@@ -111,10 +111,8 @@ def _start_moto(log_path: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"moto server did not start; log:\n{log_path.read_text()[-2000:]}")
 
 
-@pytest.fixture(scope="session")
-def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
-    """A real moto S3 server process for the whole session (buckets persist between tests)."""
-    # Fake credentials for boto3 and pyarrow; no EC2 metadata lookups when none are found.
+def set_fake_aws_credentials() -> None:
+    """Fake credentials for boto3 and pyarrow; no EC2 metadata lookups when none are found."""
     for key, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -122,6 +120,12 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
         "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
         os.environ.setdefault(key, value)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A real moto S3 server process for the whole session (buckets persist between tests)."""
+    set_fake_aws_credentials()
     proc, endpoint = _start_moto(tmp_path_factory.mktemp("moto") / "moto.log")
     try:
         yield MotoServer(endpoint)
