@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import run_cli
+from tests.procs import master_process, run_cli, worker_process
 
 
 class Mounts:
@@ -90,3 +90,19 @@ def read_all(root: Path, rels, threads: int = 8) -> dict[str, str]:
 
     with ThreadPoolExecutor(threads) as pool:
         return dict(pool.map(one, list(rels)))
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A master and two workers as processes; yields (master, workers)."""
+    master = master_process(tmp_path)
+    master.start()
+    workers = [worker_process(tmp_path, master.address, f"w{i}", "128M") for i in (1, 2)]
+    try:
+        for w in workers:
+            w.start()
+        yield master, workers
+    finally:
+        for w in workers:
+            w.stop()
+        master.stop()

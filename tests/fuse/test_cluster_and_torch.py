@@ -16,40 +16,31 @@ from tests.fuse.conftest import make_files, read_all
 from tests.procs import master_process, run_cli, worker_process
 
 
-def test_cluster_mount_survives_a_killed_worker(mounts, tmp_path):
+def test_cluster_mount_survives_a_killed_worker(cluster, mounts, tmp_path):
     source = tmp_path / "source"
     digests = make_files(source, 3000, max_size=32_768, seed=3)
-    master = master_process(tmp_path)
-    master.start()
-    workers = [worker_process(tmp_path, master.address, f"w{i}", "128M") for i in (1, 2)]
+    master, workers = cluster
+    added = run_cli("dataset", "add", "frames", source.as_uri(), "--master", master.address)
+    assert added.returncode == 0, added.stderr
+    mnt = mounts.mount("frames", "--master", master.address)
+
+    rels = sorted(digests)
+    killed = threading.Event()
+
+    def kill_after_some_reads():
+        # Kill worker 1 (SIGKILL: no goodbye to the master) while readers are busy.
+        workers[0].stop(sig=9)
+        killed.set()
+
+    timer = threading.Timer(0.5, kill_after_some_reads)
+    timer.start()
     try:
-        for w in workers:
-            w.start()
-        added = run_cli("dataset", "add", "frames", source.as_uri(), "--master", master.address)
-        assert added.returncode == 0, added.stderr
-        mnt = mounts.mount("frames", "--master", master.address)
-
-        rels = sorted(digests)
-        killed = threading.Event()
-
-        def kill_after_some_reads():
-            # Kill worker 1 (SIGKILL: no goodbye to the master) while readers are busy.
-            workers[0].stop(sig=9)
-            killed.set()
-
-        timer = threading.Timer(0.5, kill_after_some_reads)
-        timer.start()
-        try:
-            first = read_all(mnt, rels[:1500])  # raises on any read error
-        finally:
-            timer.join()
-        assert killed.is_set()
-        second = read_all(mnt, rels[1500:])
-        assert {**first, **second} == digests
+        first = read_all(mnt, rels[:1500])  # raises on any read error
     finally:
-        for w in workers:
-            w.stop()
-        master.stop()
+        timer.join()
+    assert killed.is_set()
+    second = read_all(mnt, rels[1500:])
+    assert {**first, **second} == digests
 
 
 def test_pytorch_dataloader_reads_every_file(mounts, tmp_path):

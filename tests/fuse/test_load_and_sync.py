@@ -8,27 +8,9 @@ import os
 import time
 from collections import Counter
 
-import pytest
-
 from tests.faults import S3Proxy
 from tests.fuse.conftest import make_files, read_all
-from tests.procs import master_process, run_cli, worker_process
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    """A master and two workers as processes; yields (master, workers)."""
-    master = master_process(tmp_path)
-    master.start()
-    workers = [worker_process(tmp_path, master.address, f"w{i}", "128M") for i in (1, 2)]
-    try:
-        for w in workers:
-            w.start()
-        yield master, workers
-    finally:
-        for w in workers:
-            w.stop()
-        master.stop()
+from tests.procs import run_cli
 
 
 def cli(master, *args, timeout=300):
