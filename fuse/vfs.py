@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from cachefs.errors import CacheFsError, IsADirectory, NoAttribute, NotADirectory, ReadOnly
+from cachefs.errors import (
+    CacheFsError,
+    IsADirectory,
+    NoAttribute,
+    NotADirectory,
+    ReadOnly,
+    Unavailable,
+)
 from cachefs.fuse.reader import DataReader, FileReader
 from cachefs.meta import Attr
 from cachefs.rpc import RpcClient
@@ -56,6 +63,8 @@ class Vfs:
         self.reader = reader
         self._nursery = nursery
         self._inodes: dict[int, _Inode] = {}
+        # Every (parent, name) -> attr the master answered: the fallback while it is down.
+        self._known_entries: dict[tuple[int, str], Attr] = {}
         self._handles: dict[int, FileReader | _DirHandle] = {}
         self._fh = itertools.count(1)
         self.root: Attr | None = None
@@ -78,8 +87,11 @@ class Vfs:
             return out
         if reply["complete"]:
             touched = {(parent, name, ino) for parent, name, ino in reply["changes"]}
+            for parent, name, _ in touched:
+                self._known_entries.pop((parent, name), None)
         else:  # the log does not reach back: everything cached is suspect
             touched = {(n.parent, n.name, ino) for ino, n in self._inodes.items() if n.parent}
+            self._known_entries.clear()
         for parent, name, _old_ino in touched:
             # The entry is dropped (the next lookup finds the new inode), and the directory's
             # attributes and listing; the old inode's pages stay for handles already open.
@@ -119,9 +131,18 @@ class Vfs:
         parent_node = self._known(parent)
         if not parent_node.attr.is_dir:
             raise NotADirectory(f"{parent_node.path or '/'} is not a directory")
-        attr = Attr.from_wire(
-            await self.master.call("lookup", dataset=self.dataset, parent=parent, name=name)
-        )
+        try:
+            attr = Attr.from_wire(
+                await self.master.call("lookup", dataset=self.dataset, parent=parent, name=name)
+            )
+        except Unavailable:
+            # The master is down: answer from what it told us before (the snapshot), so files
+            # whose kernel entries expired stay readable.
+            attr = self._known_entries.get((parent, name))
+            if attr is None:
+                raise
+        else:
+            self._known_entries[(parent, name)] = attr
         return self._remember(attr, parent, name)
 
     async def getattr(self, ino: int) -> Attr:
@@ -165,6 +186,7 @@ class Vfs:
     def readdir_accepted(self, fh: int, name: str, attr: Attr) -> None:
         """The kernel took an entry with attributes (readdirplus): that counts as a lookup."""
         handle = self._handles[fh]
+        self._known_entries[(handle.ino, name)] = attr
         self._remember(attr, handle.ino, name)
 
     def releasedir(self, fh: int) -> None:

@@ -133,6 +133,15 @@ class MetadataStore:
         txn.put(key, _U64.pack(value + 1), db=self._meta)
         return value
 
+    def get_meta(self, key: str) -> object | None:
+        with self.env.begin() as txn:
+            raw = txn.get(f"doc:{key}".encode(), db=self._meta)
+        return _unpack(raw) if raw is not None else None
+
+    def set_meta(self, key: str, value: object) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(f"doc:{key}".encode(), _pack(value), db=self._meta)
+
     def bump_epoch(self) -> int:
         """A membership epoch that keeps growing across master restarts."""
         with self.env.begin(write=True) as txn:

@@ -89,6 +89,22 @@ class WorkerRegistry:
             self._changed()
         return dead
 
+    def snapshot(self) -> list[dict]:
+        """The membership to persist: enough to restore it after a master restart."""
+        return [
+            {"id": w.worker_id, "address": w.address, "host": w.host_id, "capacity": w.capacity}
+            for w in self._workers.values()
+        ]
+
+    def restore(self, members: list[dict]) -> None:
+        """Takes back the workers a previous master knew, as if each had just heartbeated: they
+        stay live if they keep heartbeating and expire after `liveness` if they do not."""
+        now = self._clock()
+        for m in members:
+            self._workers[m["id"]] = WorkerInfo(
+                m["id"], m["address"], m["host"], dict(m["capacity"]), {}, now, now
+            )
+
     def now(self) -> float:
         return self._clock()
 

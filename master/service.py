@@ -38,7 +38,10 @@ class MasterService:
 
     def __init__(self, state_dir: str | Path, *, liveness: float = 10.0):
         self.store = MetadataStore(state_dir)
-        self.registry = WorkerRegistry(liveness=liveness, on_change=self.store.bump_epoch)
+        self.registry = WorkerRegistry(liveness=liveness, on_change=self._membership_changed)
+        # Workers known before a restart stay members (until they miss heartbeats), so clients
+        # never see an empty cluster just because the master restarted.
+        self.registry.restore(self.store.get_meta("workers") or [])
         self._sync_locks: dict[str, trio.Lock] = {}
         self._remotes: dict[str, RemoteStore] = {}
         # Set by run_master: clients for the live workers, and the load jobs.
@@ -47,6 +50,11 @@ class MasterService:
 
     def close(self) -> None:
         self.store.close()
+
+    def _membership_changed(self) -> int:
+        if hasattr(self, "registry"):  # not during the registry's own construction
+            self.store.set_meta("workers", self.registry.snapshot())
+        return self.store.bump_epoch()
 
     def remote(self, dataset: str) -> RemoteStore:
         info = self.store.dataset(dataset)

@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from cachefs.config import parse_address
 from cachefs.meta import Attr
 from cachefs.rpc import RpcClient
-from tests.procs import master_process, run_cli
+from tests.procs import master_process, run_cli, worker_process
 
 
 @pytest.fixture
@@ -279,4 +280,23 @@ def test_shared_secret_end_to_end(tmp_path):
         loose = run_cli("dataset", "ls", "--master", master.address, "--secret-file", str(secret))
         assert loose.returncode == 2 and "chmod 600" in loose.stderr
     finally:
+        master.stop()
+
+
+def test_restarted_master_still_lists_its_workers(tmp_path):
+    master = master_process(tmp_path)
+    master.start()
+    worker = worker_process(tmp_path, master.address, "w1", "64M")
+    try:
+        worker.start()
+        master.stop(sig=9)
+        master.start()  # at once: before the worker's next heartbeat
+
+        async def members():
+            async with RpcClient(parse_address(master.address)) as client:
+                return await client.call("workers")
+
+        assert [w["address"] for w in trio.run(members)["workers"]] == [worker.address]
+    finally:
+        worker.stop()
         master.stop()

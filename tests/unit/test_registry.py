@@ -43,3 +43,16 @@ def test_epoch_source_is_injectable():
     registry = WorkerRegistry(on_change=lambda: next(epochs))
     assert registry.epoch == 41
     assert registry.register("w", "h:1", "h", {}) == 42
+
+
+def test_restored_members_live_until_they_miss_heartbeats():
+    clock = Clock()
+    before = WorkerRegistry(liveness=10, clock=clock)
+    before.register("w1", "h1:1", "n1", {"mem": 1})
+    before.register("w2", "h2:1", "n2", {"mem": 2})
+    after = WorkerRegistry(liveness=10, clock=clock)  # a restarted master
+    after.restore(before.snapshot())
+    assert [w.address for w in after.live()] == ["h1:1", "h2:1"]
+    assert after.heartbeat("w1", {})  # known: no re-registration needed
+    clock.now += 11
+    assert after.heartbeat("w1", {}) and after.expire() == ["w2"]
