@@ -345,7 +345,7 @@ def measure_size(
     seconds: float,
     repeat: int,
 ) -> dict:
-    """`repeat` alternating cachefs / local runs; the median run of each kind is reported."""
+    """`repeat` alternating cachefs / local runs; the best run of each kind is reported."""
     orders = shuffled_orders(len(entries), clients, seed=size)
     common = {"entries": entries, "seconds": seconds}
     proc = psutil.Process(worker_pid)
@@ -373,14 +373,15 @@ def measure_size(
         local["other_cpu"] = host_busy()[0] - host0[0] - local["cpu"]
         local_runs.append(local)
 
-    def median(runs: list[dict]) -> dict:
-        return sorted(runs, key=lambda r: r["ops"] / r["seconds"])[(len(runs) - 1) // 2]
+    def best(runs: list[dict]) -> dict:
+        # On a shared host, other programs only ever slow a run down (as with timeit's min).
+        return max(runs, key=lambda r: r["ops"] / r["seconds"])
 
     def spread(runs: list[dict]) -> tuple[float, float]:
         rates = [r["ops"] / r["seconds"] for r in runs]
         return min(rates), max(rates)
 
-    rpc, local = median(rpc_runs), median(local_runs)
+    rpc, local = best(rpc_runs), best(local_runs)
     return {
         "size": size,
         "files": len(entries),
@@ -465,7 +466,7 @@ def efficiency_lines(fills: list[dict], capacity: int, real: dict, mix_label: st
         )
     lines.append(
         f"- Real worker after the warm pass ({mix_label}): {real['stored'] / real['used']:.1%} "
-        f"stored/allocated ({real['stored'] / MiB:,.0f} MiB in {real['used'] / MiB:,.0f} MiB "
+        f"stored/allocated ({real['stored'] / MiB:,.1f} MiB in {real['used'] / MiB:,.1f} MiB "
         f"of slots, {real['entries']:,} objects)."
     )
     return "\n".join(lines)
@@ -477,7 +478,7 @@ def main() -> None:
         "--mix", nargs="+", default=None, help=f"SIZE:COUNT files (default {' '.join(DEFAULT_MIX)})"
     )
     parser.add_argument("--seconds", type=float, default=None, help="per timed run (default 5)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per size (median shown)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size (best shown)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent readers")
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--mem", default="1G", help="the worker's MEM tier")
@@ -556,13 +557,14 @@ def main() -> None:
             del argv[argv.index("--results") : argv.index("--results") + 2]
         command = shlex.join(["python", "benchmarks/bench_worker.py", *argv])
         cores = os.cpu_count()
+        per_proc = args.clients // args.procs
         note = (
             f"Measured {time.strftime('%Y-%m-%d')} on {cores} cores with `{command}`: "
-            f"{args.repeat} runs of {seconds:g} s per size and kind, median shown with the "
-            f"range. Master, worker and load generator share the {cores} cores. cachefs = "
-            f"{args.clients} clients over loopback RPC from {args.procs} processes "
-            f"({args.clients // args.procs} trio tasks each, one `RpcClient` with one connection "
-            "per task, so one call in flight per client), every read a MEM-tier hit (checked "
+            f"{args.repeat} runs of {seconds:g} s per size and kind, alternating; the best "
+            f"shown, with the range. Master, worker and load generator share the {cores} "
+            f"cores. cachefs = {args.clients} clients over loopback RPC from {args.procs} "
+            f"processes ({per_proc} trio tasks each, one `RpcClient` with one connection per "
+            "task, so one call in flight per client), every read a MEM-tier hit (checked "
             "with the worker's stats); local = the same layout with threads doing "
             "open/read/close on the same files in the same order, page cache warm (a memory "
             "copy, not disk I/O). CPU columns are in % of one core (the host has "

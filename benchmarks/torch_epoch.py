@@ -1,0 +1,101 @@
+"""One PyTorch DataLoader epoch over a dataset directory: file contents in batches, no model.
+
+A map-style Dataset whose items are whole files, read and checked against the manifest (size +
+xxh3_64) in the loader's worker processes; a batch is one uint8 tensor of the files' bytes
+joined plus their lengths. The order is one seeded shuffle. The epoch is timed from creating
+the loader's iterator (worker start-up included, as in training) to the last batch.
+
+    python benchmarks/torch_epoch.py ROOT MANIFEST [--workers 4] [--batch 32] [--seed 2]
+
+Prints one JSON line: {"seconds", "first_batch_s", "files", "bytes"}. Exit status 3 (and the
+message on stderr) if any file had the wrong content.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import xxhash
+from torch.utils.data import DataLoader, Dataset
+
+CONTENT_ERROR_EXIT = 3
+
+
+class FileContentError(Exception):
+    pass
+
+
+class Frames(Dataset):
+    def __init__(self, root: Path, files: list[tuple[str, int, int]]):
+        self.root = root
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> bytes:
+        rel, size, digest = self.files[i]
+        with open(self.root / rel, "rb") as f:
+            data = f.read()
+        if len(data) != size or xxhash.xxh3_64_intdigest(data) != digest:
+            raise FileContentError(f"{rel}: wrong content ({len(data)} bytes, expected {size})")
+        return data
+
+
+def collate(items: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all bytes as one uint8 tensor, the length of each file)."""
+    joined = bytearray(b"".join(items))
+    return torch.frombuffer(joined, dtype=torch.uint8), torch.tensor([len(b) for b in items])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=2)
+    args = parser.parse_args()
+    manifest = json.loads(args.manifest.read_text())["files"]
+    files = [(rel, size, digest) for rel, (size, digest) in sorted(manifest.items())]
+    order = list(range(len(files)))
+    random.Random(args.seed).shuffle(order)
+    expected = sum(size for _, size, _ in files)
+
+    torch.set_num_threads(1)
+    loader = DataLoader(
+        Frames(args.root, files),
+        batch_size=args.batch,
+        sampler=order,
+        num_workers=args.workers,
+        collate_fn=collate,
+    )
+    count = total = 0
+    first = None
+    started = time.perf_counter()
+    try:
+        for data, lengths in loader:
+            if first is None:
+                first = time.perf_counter() - started
+            if int(lengths.sum()) != data.numel():
+                raise FileContentError("a batch lost bytes between the worker and the loop")
+            count += len(lengths)
+            total += data.numel()
+    except FileContentError as exc:  # raised in this process (worker errors are re-raised)
+        print(f"content error: {exc}", file=sys.stderr)
+        sys.exit(CONTENT_ERROR_EXIT)
+    seconds = time.perf_counter() - started
+    if count != len(files) or total != expected:
+        print(f"content error: {count} files / {total} bytes, expected {expected}", file=sys.stderr)
+        sys.exit(CONTENT_ERROR_EXIT)
+    print(json.dumps({"seconds": seconds, "first_batch_s": first, "files": count, "bytes": total}))
+
+
+if __name__ == "__main__":
+    main()
