@@ -467,17 +467,23 @@ class RemoteStore:
     def _read_version_sync(
         self, rel: str, offset: int, length: int, size: int, mtime_ns: int
     ) -> bytes:
-        """A read that fails unless the file is that version before and after the read."""
+        """A read that fails unless the file is still that version once the bytes are in.
 
-        def same() -> bool:
+        One stat after the read is enough: a file that was another version before or during
+        the read is not this version after it (mtimes only move forward).
+        """
+
+        def check_version() -> None:
             entry = self._stat_sync(rel)
-            return entry is not None and (entry.size, entry.mtime_ns) == (size, mtime_ns)
+            if entry is None or (entry.size, entry.mtime_ns) != (size, mtime_ns):
+                raise errors.StaleVersion(self._stale_message(rel))
 
-        if not same():
-            raise errors.StaleVersion(self._stale_message(rel))
-        data = self._read_sync(rel, offset, length)
-        if not same():  # it changed while we read: the bytes may be a mix
-            raise errors.StaleVersion(self._stale_message(rel))
+        try:
+            data = self._read_sync(rel, offset, length)
+        except OSError:
+            check_version()  # replaced under us: StaleVersion, not the read's error
+            raise
+        check_version()
         return data
 
     def _stale_message(self, rel: str) -> str:
