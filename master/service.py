@@ -207,10 +207,14 @@ class MasterService:
 
         for info in self.store.datasets():
             name = info["name"]
-            cached, files = total("datasets", name, "bytes"), total("datasets", name, "files")
+            # Each file counted once, where readers look for it (its owner): copies left on
+            # other workers after membership changes do not push the share past 100%.
+            owned = await self.rpc_load_check(name)
+            cached, files = owned["cached_bytes"], owned["cached_files"]
             hits, misses = total("served", name, "hit_bytes"), total("served", name, "miss_bytes")
             datasets.append({
                 **info,
+                "stored_bytes": total("datasets", name, "bytes"),  # all copies on all workers
                 "cached_bytes": cached,
                 "cached_files": files,
                 "cached_percent": round(100 * cached / info["bytes"], 2) if info["bytes"] else 0,
