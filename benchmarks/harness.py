@@ -176,7 +176,7 @@ class DelayProxy:
             stop(self.proc)
 
 
-def s3fs_for(endpoint: str):
+def pyarrow_s3(endpoint: str):
     import pyarrow.fs as pafs
 
     return pafs.S3FileSystem(
@@ -230,7 +230,7 @@ def file_reader(root: Path) -> Callable[[str], bytes]:
 
 def s3_reader(endpoint: str, bucket: str, prefix: str) -> Callable[[str], bytes]:
     """pyarrow reads of the store: a HEAD and a GET per file (what a cachefs worker does)."""
-    fs = s3fs_for(endpoint)
+    fs = pyarrow_s3(endpoint)
 
     def read(rel: str) -> bytes:
         with fs.open_input_stream(f"{bucket}/{prefix}/{rel}") as f:
@@ -269,7 +269,7 @@ def s3_metadata_pass(endpoint: str, bucket: str, prefix: str, manifest: Manifest
     """A recursive listing of the prefix (ListObjectsV2 pages); checks names and sizes."""
     import pyarrow.fs as pafs
 
-    fs = s3fs_for(endpoint)
+    fs = pyarrow_s3(endpoint)
     started = time.perf_counter()
     infos = fs.get_file_info(pafs.FileSelector(f"{bucket}/{prefix}", recursive=True))
     seconds = time.perf_counter() - started

@@ -25,12 +25,14 @@ Systems and states ("drop" = `echo 3 > /proc/sys/vm/drop_caches` first):
 A peer that cannot be installed or mounted is reported as a failed row; the run goes on. A
 wrong byte or a wrong listing anywhere fails the run.
 
-After the measured passes, one extra warm pass per cachefs mode runs under py-spy (the mount
-process, and the workers in cluster mode); its summary and the CPU per FUSE request (from the
-mount's Prometheus counters) go to the results.
+Every cachefs read pass also records the FUSE requests it caused (the mount's Prometheus
+counters) and the mount process's CPU. After the measured passes, each cachefs mode gets one
+more warm pass for CPU per file in every process, then warm passes for --profile-seconds under
+py-spy (the mount process, and the master and workers in cluster mode), summarized by part.
 
-    python benchmarks/run_all.py --quick        # 1,500 files (~100 MiB), under 5 minutes
-    python benchmarks/run_all.py                # 20,000 files (~1.3 GiB)
+    python benchmarks/run_all.py --quick        # 1,000 files (~70 MiB), under 5 minutes
+    python benchmarks/run_all.py --files 8000   # ~540 MiB, ~17 minutes on 2 cores
+    python benchmarks/run_all.py                # 20,000 files (~1.3 GiB), ~40 minutes
     python benchmarks/run_all.py --files 5000 --skip rclone s3fs
 
 Prints the tables; writes its section of benchmarks/results.md and a bar chart
@@ -935,6 +937,13 @@ def chart(rows: list[Row], path: Path, title: str) -> None:
 
 def report(bench: Bench, args, command: str, total_s: float) -> tuple[str, bool]:
     rows, info = bench.rows, bench.info
+    code_now = harness.git_state(REPO)
+    code_note = (
+        f" **The code changed during the run** (at the end: {code_now}); processes started "
+        "after the change ran the newer code."
+        if code_now != info["git"]
+        else ""
+    )
     ds = info["dataset"]
     target_text, checks = targets(rows)
     setup = ", ".join(f"{k} {v:.1f} s" for k, v in info["setup"].items())
@@ -944,7 +953,7 @@ def report(bench: Bench, args, command: str, total_s: float) -> tuple[str, bool]
         f"Measured {info['started_at']} on {harness.machine()}, {info['git']}, with "
         f"`{command}` ({total_s / 60:.1f} min in all; 1-minute load average "
         f"{info['load'][0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, so other "
-        f'work on the host shows in the "rest of host" CPU column).\n\n'
+        f'work on the host shows in the "rest of host" CPU column).{code_note}\n\n'
         f"Dataset: {ds['files']:,} rawframes-like files in {ds['dirs']:,} directories, "
         f"{ds['bytes'] / MiB:,.0f} MiB, median {ds['median'] / 1000:.0f} KB, "
         f"{ds['min'] / 1000:.1f} KB to {ds['max'] / MiB:.1f} MiB ({ds['above_4mib']} above "
@@ -993,7 +1002,7 @@ def report(bench: Bench, args, command: str, total_s: float) -> tuple[str, bool]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1,500 files (default 20,000)")
+    parser.add_argument("--quick", action="store_true", help="1,000 files (default 20,000)")
     add_shape_arguments(parser)
     parser.add_argument("--threads", type=int, default=8, help="reader threads")
     parser.add_argument("--delay-ms", type=float, default=2.0, help="held per store response")
@@ -1019,7 +1028,7 @@ def main() -> None:
         help="abort when a system fails (default: report it as a failed row and go on)",
     )  # fmt: skip
     args = parser.parse_args()
-    args.files = args.files or (1500 if args.quick else Shape().files)
+    args.files = args.files or (1000 if args.quick else Shape().files)
     if args.profile_seconds is None:
         args.profile_seconds = 5.0 if args.quick else 10.0
     args.chart = args.chart or REPO / "benchmarks" / (

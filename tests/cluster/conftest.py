@@ -314,8 +314,10 @@ class Cluster:
         workers: tuple[str, ...] = WORKERS,
         worker_args: dict[str, list[str]] | None = None,
         clients: tuple[str, ...] = CLIENTS,
+        liveness: float = LIVENESS,
     ):
         self.tmp = tmp_path
+        self.liveness = liveness
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.worker_args = dict(worker_args or {})
         self.mounts: list[Path] = []
@@ -330,7 +332,7 @@ class Cluster:
             self.master = NsService(
                 master, "master",
                 ["--listen", self.master_address, "--state", str(tmp_path / "master-state"),
-                 "--liveness", str(LIVENESS)],
+                 "--liveness", str(liveness)],
                 tmp_path / "master.log",
             )  # fmt: skip
             for name in workers:
@@ -461,7 +463,8 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path, moto_server):
-    """cluster(workers=("w1", "w2", "w3"), worker_args={"w1": [...]}) -> a started Cluster."""
+    """cluster(workers=("w1", "w2", "w3"), worker_args={"w1": [...]}, liveness=5.0) -> a
+    started Cluster."""
     made: list[Cluster] = []
 
     def make(**kwargs) -> Cluster:
