@@ -13,7 +13,7 @@ import trio
 
 from cachefs import __version__
 from cachefs.config import format_address
-from cachefs.errors import CacheFsError, InvalidArgument, NotFound
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.master.console import Console
 from cachefs.master.jobs import LoadJobs, check_schedule
 from cachefs.master.namespace import MetadataStore
@@ -293,13 +293,18 @@ class MasterService:
         result = {"files": len(plan), "bytes": sum(spec[1] for _, spec in plan),
                   "cached_files": 0, "cached_bytes": 0}  # fmt: skip
         for owner, specs in by_owner.items():
-            client = await self.workers.client(owner)
-            for i in range(0, len(specs), 5000):
-                chunk = specs[i : i + 5000]
-                cached = await client.call("cached_many", dataset=dataset, files=chunk)
-                for spec, n in zip(chunk, cached, strict=True):
-                    result["cached_bytes"] += n
-                    result["cached_files"] += n == spec[1]
+            try:
+                client = await self.workers.client(owner)
+                for i in range(0, len(specs), 5000):
+                    chunk = specs[i : i + 5000]
+                    cached = await client.call(
+                        "cached_many", dataset=dataset, files=chunk, timeout=5.0
+                    )
+                    for spec, n in zip(chunk, cached, strict=True):
+                        result["cached_bytes"] += n
+                        result["cached_files"] += n == spec[1]
+            except (Unavailable, KeyError):  # a dead or departed owner caches nothing for readers
+                self.workers.suspect(owner)
         return result
 
     async def expire_workers(self) -> None:
