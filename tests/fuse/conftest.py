@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,11 +15,14 @@ import pytest
 
 from tests.procs import master_process, run_cli, worker_process
 
+SHM = Path("/dev/shm")
+
 
 class Mounts:
     def __init__(self, tmp_path: Path):
         self.tmp_path = tmp_path
         self.mountpoints: list[Path] = []
+        self.shm_dirs: set[Path] = set()
 
     def mount(self, source: str, *args: str, name: str = "mnt", check: bool = True):
         mountpoint = self.tmp_path / name
@@ -31,7 +35,12 @@ class Mounts:
 
     def embedded(self, uri: str, *args: str, name: str = "mnt") -> Path:
         state = self.tmp_path / f"state-{name}"
-        return self.mount(uri, "--state", str(state), "--mem", "256M", *args, name=name)
+        before = set(SHM.glob("cachefs-*"))
+        mountpoint = self.mount(uri, "--state", str(state), "--mem", "256M", *args, name=name)
+        # The worker's RAM tier outlives its process on purpose (a restart keeps the cache);
+        # a test's must not outlive the test, or a run fills /dev/shm.
+        self.shm_dirs |= set(SHM.glob("cachefs-*")) - before
+        return mountpoint
 
     def cleanup(self) -> None:
         for mountpoint in self.mountpoints:
@@ -40,6 +49,8 @@ class Mounts:
                 if os.path.ismount(mountpoint):  # last resort, so later tests are not affected
                     subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
                     raise AssertionError(f"umount failed: {result.stderr}")
+        for path in self.shm_dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
