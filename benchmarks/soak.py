@@ -97,14 +97,17 @@ def soak(minutes: float, files: int, threads: int, seed: int, work: Path) -> dic
         counts = chaos(workers, time.monotonic() + 60 * minutes, random.Random(seed), log)
         report: ReadReport = readers.finish(timeout=120)
         status = run_cli("status", "--json", "--master", master.address)
-        cached_percent = json.loads(status.stdout)["datasets"][0]["cached_percent"]
+        (info,) = json.loads(status.stdout)["datasets"]
+        cached_percent = info["cached_percent"]
+        stored_percent = 100 * info.get("stored_bytes", 0) / info["bytes"] if info["bytes"] else 0
     finally:
         run_cli("umount", str(mountpoint))
         for w in workers:
             w.stop()
         master.stop()
     return {"report": report, "counts": counts, "files": files, "threads": threads,
-            "minutes": minutes, "cached_percent": cached_percent}  # fmt: skip
+            "minutes": minutes, "cached_percent": cached_percent,
+            "stored_percent": stored_percent}  # fmt: skip
 
 
 def markdown(result: dict) -> str:
@@ -126,8 +129,8 @@ restarted with its state and port.
 On one host a dead worker refuses connections at once, so a read that meets one falls through
 to the next-ranked worker without waiting; a hung or unreachable worker costs the 20 s worker
 deadline instead (tests/cluster/test_faults.py). After the run, `cachefs status` showed
-{result["cached_percent"]:.0f}% of the dataset cached: the workers that took over a dead one's
-files kept their copies.
+{result["cached_percent"]:.0f}% of the dataset cached on its owners, and {result["stored_percent"]:.0f}% of its bytes stored
+in all: the workers that took over a dead one's files kept their copies.
 """  # noqa: E501
 
 
@@ -143,7 +146,8 @@ def main() -> int:
         result = soak(args.minutes, args.files, args.threads, args.seed, Path(tmp))
     report: ReadReport = result["report"]
     print(report.summary())
-    print(f"chaos: {result['counts']}; {result['cached_percent']:.0f}% cached at the end")
+    print(f"chaos: {result['counts']}; {result['cached_percent']:.0f}% cached on owners, "
+          f"{result['stored_percent']:.0f}% stored at the end")  # fmt: skip
     if report.errors:
         print(f"first errors: {report.errors[:10]}")
     if args.results:

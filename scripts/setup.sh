@@ -8,6 +8,7 @@ need_apt=()
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 pkg-config --exists fuse3 2>/dev/null || need_apt+=(libfuse3-dev)
+command -v ip >/dev/null || need_apt+=(iproute2)  # network namespaces for tests/cluster
 command -v chromium >/dev/null || need_apt+=(chromium)  # the web console's browser test
 if ((${#need_apt[@]})); then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -96,7 +96,8 @@ class S3Proxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(error)))
                     self.end_headers()
-                    self.wfile.write(error)
+                    if self.command != "HEAD":  # a HEAD answer has no body
+                        self.wfile.write(error)
                     return
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 try:

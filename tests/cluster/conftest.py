@@ -429,13 +429,27 @@ class Cluster:
         raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
     def wait_workers(self, expected: set[str], timeout: float = 60.0) -> dict[str, dict]:
-        """Until the master's live workers are exactly `expected` (host ids)."""
+        """Until the master's live workers are exactly `expected` (host ids); returns their
+        stats. A `cachefs status` that fails counts as "not yet" (its error is reported if the
+        wait times out): this waits for membership; test_status_answers_while_a_worker_is_down
+        checks that status itself answers while a dead worker is listed."""
+        last = {"listed": None, "failure": None}
 
         def listed():
-            stats = self.worker_stats()
+            result = self.cli("status", "--json", check=False)
+            if result.returncode != 0:
+                last["failure"] = result.stderr.strip()
+                return None
+            stats = {w["host"]: w["stats"] for w in json.loads(result.stdout)["workers"]}
+            last["listed"] = sorted(stats)
             return stats if set(stats) == expected else None
 
-        return self.wait_until(f"workers {sorted(expected)}", listed, timeout)
+        try:
+            return self.wait_until(f"workers {sorted(expected)}", listed, timeout)
+        except AssertionError:
+            raise AssertionError(
+                f"the master did not list workers {sorted(expected)} in {timeout:.0f}s: {last}"
+            ) from None
 
     def add_dataset(self, name: str, frames: Frames) -> None:
         options = [f"-o{k}={v}" for k, v in self.store.options.items()]

@@ -12,6 +12,7 @@ refresh the worker list every 2 s. Waits are for events or polled states, with d
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 import uuid
@@ -72,6 +73,28 @@ def test_killed_worker_mid_epoch(cluster, frames):
         print(report.summary())
         report.assert_clean()
     c.wait_workers(ALL - {"w1"})  # and the master noticed
+
+
+def test_status_answers_while_a_worker_is_down(cluster, frames):
+    """docs/architecture.md: `cachefs status` asks every live worker for its stats, "falling
+    back to the last heartbeat for a worker that does not answer". Right after a worker dies
+    (liveness 30 s: the master still lists it) and while another one hangs, status must still
+    answer, in seconds. (It failed with "cannot reach worker ..." when status began to ask each
+    file's owner for its cached share.)"""
+    c = cluster(liveness=30.0)
+    c.add_dataset("ds", frames)
+    assert "0 failed" in c.cli("load", "ds").stdout
+    c.workers["w1"].kill()
+    c.workers["w2"].pause()
+    started = time.monotonic()
+    result = c.cli("status", "--json", check=False)
+    took = time.monotonic() - started
+    assert result.returncode == 0, f"status with w1 dead, w2 hung: {result.stderr.strip()}"
+    report = json.loads(result.stdout)
+    assert {w["host"] for w in report["workers"]} == ALL  # both still listed
+    (ds,) = report["datasets"]
+    assert ds["name"] == "ds" and 0 < ds["cached_percent"] < 100  # w3's share only
+    assert took < 20, f"status took {took:.1f}s with a hung worker"
 
 
 def test_paused_worker_costs_a_deadline_not_errors(cluster, frames):
