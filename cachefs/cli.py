@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import click
 import trio
@@ -24,8 +25,8 @@ from cachefs.config import (
     master_address,
     parse_address,
     parse_size,
-    read_secret,
 )
+from cachefs.credentials import SECRET_ENV, client_secret, load_or_create, read_secret
 from cachefs.errors import CacheFsError, InvalidArgument
 from cachefs.rpc import RpcClient
 
@@ -88,7 +89,7 @@ def _human_bytes(n: float) -> str:
 
 def _call_master(master: str | None, secret_file: str | None, method: str, **args):
     address = master_address(master)
-    secret = read_secret(secret_file)
+    secret = client_secret(secret_file, address)
 
     async def run():
         async with RpcClient(address, secret=secret, timeout=LONG_CALL_TIMEOUT) as client:
@@ -107,7 +108,11 @@ metrics_option = click.option(
     "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on this address"
 )
 secret_option = click.option(
-    "--secret-file", type=click.Path(dir_okay=False), help="shared secret for authentication"
+    "--secret-file",
+    envvar=SECRET_ENV,
+    type=click.Path(dir_okay=False),
+    help="the cluster's shared secret (default $CACHEFS_SECRET_FILE, else the one a master on "
+    "this host published for this user)",
 )
 
 
@@ -164,10 +169,16 @@ def main(ctx: click.Context, log_level: str, config_path: str | None) -> None:
 @click.option(
     "--liveness", default=10.0, show_default=True, help="seconds before a silent worker is dropped"
 )
+@click.option("--insecure", is_flag=True, help="no authentication: anyone reaching it reads all")
 @click.pass_context
 @_errors_to_exit
-def master(ctx, listen, state, restore, secret_file, metrics, http, liveness) -> None:
-    """Run the metadata master (foreground); `cachefs master backup FILE` copies its state."""
+def master(ctx, listen, state, restore, secret_file, metrics, http, liveness, insecure) -> None:
+    """Run the metadata master (foreground); `cachefs master backup NAME` copies its state.
+
+    Clients and workers must prove they hold the cluster's shared secret: --secret-file, or
+    by default STATE/secret, created on first start (0600). Clients run by the same user on
+    this host find it without a flag; give it to workers and clients elsewhere.
+    """
     if ctx.invoked_subcommand is not None:
         return
     from cachefs import metrics as prometheus
@@ -178,28 +189,43 @@ def master(ctx, listen, state, restore, secret_file, metrics, http, liveness) ->
         raise click.UsageError("Missing option '--state'.")
     if restore:
         restore_backup(restore, state)
+    if insecure and secret_file:
+        raise InvalidArgument("--insecure and --secret-file exclude each other")
     prometheus.serve(metrics)
-    secret = read_secret(secret_file)
+    if insecure:
+        secret = None
+        logging.getLogger("cachefs.master").warning(
+            "running without authentication (--insecure): anyone who can reach %s can read "
+            "every dataset and change the cluster", listen
+        )
+    elif secret_file:
+        secret = read_secret(secret_file)
+    else:
+        from cachefs.runtime import private_dir
+
+        secret = load_or_create(private_dir(Path(state)) / "secret")
     address = parse_address(listen)
     service = functools.partial(
-        run_master, address, state, secret=secret, liveness=liveness,
+        run_master, address, state, secret=secret, publish_secret=True, liveness=liveness,
         http=parse_address(http) if http else None,
     )  # fmt: skip
     trio.run(_serve_until_signal, service, "master")
 
 
 @master.command("backup")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("name", default="")
 @master_option
 @secret_option
 @_errors_to_exit
-def master_backup(file, master, secret_file) -> None:
-    """Write a consistent copy of a running master's state to FILE (on the master's host)."""
-    from pathlib import Path
+def master_backup(name, master, secret_file) -> None:
+    """Write a consistent copy of a running master's state to STATE/backups/NAME.
 
-    path = str(Path(file).resolve())
-    result = _call_master(master, secret_file, "backup", path=path)
-    click.echo(f"backup of {result['datasets']} datasets written to {path} "
+    The master writes only inside its own state dir (default NAME: meta-<date>.lmdb); copy the
+    file from there.
+    """
+    name = name or datetime.now().strftime("meta-%Y%m%d-%H%M%S.lmdb")
+    result = _call_master(master, secret_file, "backup", path=name)
+    click.echo(f"backup of {result['datasets']} datasets written to {result['path']} "
                f"({_human_bytes(result['bytes'])})")  # fmt: skip
 
 
@@ -223,14 +249,12 @@ def worker(
     from cachefs import metrics as prometheus
 
     prometheus.serve(metrics)
-    from pathlib import Path
-
     from cachefs.worker.service import run_worker
     from cachefs.worker.store import BlockStore
 
     if disk and not parse_size(disk_size):
         raise InvalidArgument("--disk needs --disk-size")
-    secret = read_secret(secret_file)
+    secret = client_secret(secret_file, master_address(master))
     store = BlockStore(
         Path(state),
         mem_capacity=parse_size(mem),
@@ -290,8 +314,6 @@ def mount(
     SOURCE is a URI (embedded mode: master, worker and client in this process) or, with
     --master, a dataset name. Returns once the mount answers, unless --foreground.
     """
-    from pathlib import Path
-
     from cachefs.fuse import mount as mounting
 
     mountpoint_path = Path(mountpoint).resolve()
@@ -306,14 +328,27 @@ def mount(
     if not foreground:
         argv = sys.argv[1:]
         log_path = mounting.pid_file(mountpoint_path).with_suffix(".log")
-        mounting.spawn_background(argv, mountpoint_path, log_path)
+        record = mounting.spawn_background(argv, mountpoint_path, log_path)
         click.echo(f"cachefs: {source} mounted on {mountpoint_path} (log: {log_path})")
+        if record.get("master"):  # embedded mode: where `cachefs load/status` reach it
+            where = record["master"]
+            click.echo(f"cachefs: its master: {where} (secret: {record['secret_file']}), "
+                       f"e.g. cachefs status --master {where}")  # fmt: skip
         return
+    if embedded:
+        from cachefs.runtime import private_dir
+
+        state_dir = private_dir(mounting.embedded_state_dir(state_base, source))
+        secret_path = Path(secret_file) if secret_file else state_dir / "secret"
+        secret = read_secret(secret_path) if secret_file else load_or_create(secret_path)
+    else:
+        secret = client_secret(secret_file, master_address(master))
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
-        allow_other=allow_other, secret=read_secret(secret_file),
+        allow_other=allow_other, secret=secret,
     )  # fmt: skip
     if embedded:
+        opts.secret_file = str(secret_path.resolve())
         from cachefs.worker.store import BlockStore
 
         def store_factory(path):
@@ -325,8 +360,8 @@ def mount(
             )
 
         serve = functools.partial(
-            mounting.run_embedded, source, uri_options, mountpoint_path,
-            mounting.embedded_state_dir(state_base, source), store_factory, opts,
+            mounting.run_embedded, source, uri_options, mountpoint_path, state_dir,
+            store_factory, opts,
         )  # fmt: skip
     else:
         serve = functools.partial(
@@ -343,8 +378,6 @@ def mount(
 @_errors_to_exit
 def umount(mountpoint):
     """Unmount a cachefs mount and wait for its process to exit."""
-    from pathlib import Path
-
     from cachefs.fuse.mount import unmount
 
     unmount(Path(mountpoint).resolve())
@@ -499,7 +532,8 @@ async def _follow_job(master, secret_file, job_id) -> dict:
     """Polls a job until it ends, with a progress bar on a terminal."""
     from tqdm import tqdm
 
-    async with RpcClient(master_address(master), secret=read_secret(secret_file)) as client:
+    address = master_address(master)
+    async with RpcClient(address, secret=client_secret(secret_file, address)) as client:
         bar = None
         while True:
             job = await client.call("job", job_id=job_id)
@@ -580,6 +614,15 @@ def affinity(name, k8s, master, secret_file) -> None:
         {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": terms}}},
         sort_keys=False,
     ).rstrip())  # fmt: skip
+
+
+@main.command("console-url")
+@master_option
+@secret_option
+@_errors_to_exit
+def console_url(master, secret_file) -> None:
+    """Print the web console's login URL (it carries the console token: keep it private)."""
+    click.echo(_call_master(master, secret_file, "console_url"))
 
 
 @main.command()

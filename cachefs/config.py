@@ -1,11 +1,10 @@
-"""Small parsers and defaults shared by the CLI and the services (addresses, sizes, secrets)."""
+"""Small parsers and defaults shared by the CLI and the services (addresses, sizes, config)."""
 
 from __future__ import annotations
 
 import os
 import re
 import tomllib
-from pathlib import Path
 
 from cachefs.errors import InvalidArgument
 
@@ -90,19 +89,3 @@ def format_address(address: tuple[str, int]) -> str:
 
 def master_address(explicit: str | None) -> tuple[str, int]:
     return parse_address(explicit or os.environ.get(MASTER_ENV) or DEFAULT_MASTER)
-
-
-def read_secret(path: str | os.PathLike | None) -> bytes | None:
-    """The shared secret for HMAC authentication, or None when no file is given."""
-    if path is None:
-        return None
-    try:
-        mode = os.stat(path).st_mode
-        secret = Path(path).read_bytes().strip()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read secret file {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise InvalidArgument(f"secret file {path} is readable by others; chmod 600 it")
-    if len(secret) < 16:
-        raise InvalidArgument(f"secret file {path} holds fewer than 16 bytes")
-    return secret

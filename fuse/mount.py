@@ -19,11 +19,13 @@ import pyfuse3
 import trio
 import xxhash
 
+from cachefs.config import format_address
 from cachefs.errors import AlreadyExists, CacheFsError, InvalidArgument, NotFound
 from cachefs.fuse.operations import CacheFsOperations
 from cachefs.fuse.reader import DataReader
 from cachefs.fuse.vfs import Vfs
 from cachefs.rpc import LocalClient, RpcClient
+from cachefs.runtime import open_private, read_pid_file, runtime_dir, write_pid_file
 from cachefs.ufs import RemoteStore, parse_uri
 from cachefs.workers import WorkerDirectory
 
@@ -41,12 +43,7 @@ class MountOptions:
     allow_other: bool = False  # other users may read the mount only on request
     change_poll: float = 2.0  # seconds between polls for re-syncs
     secret: bytes | None = None
-
-
-def runtime_dir() -> Path:
-    path = Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/cachefs-{os.getuid()}") / "cachefs"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    secret_file: str | None = None  # where `secret` came from (printed for embedded mounts)
 
 
 def pid_file(mountpoint: Path) -> Path:
@@ -102,7 +99,7 @@ async def serve_mount(
 
         async def direct() -> RemoteStore:
             if not remote:
-                info = await master.call("dataset_info", name=dataset)
+                info = await master.call("dataset_spec", name=dataset)
                 remote.append(RemoteStore(info["uri"], info["options"]))
             return remote[0]
 
@@ -141,19 +138,22 @@ async def _watch_changes(ops: CacheFsOperations, interval: float) -> None:
             log.warning("cache invalidation failed: %s", exc)
 
 
-async def ensure_embedded_dataset(master_address, uri: str, options: dict[str, str]) -> None:
-    """Adds the dataset on first use; later mounts re-sync it (incremental)."""
-    async with RpcClient(master_address, name="embedded master", timeout=6 * 3600) as master:
-        try:
-            info = await master.call("dataset_info", name=EMBEDDED_DATASET)
-        except NotFound:
+async def ensure_embedded_dataset(master, uri: str, options: dict[str, str]) -> None:
+    """Adds the dataset on first use; later mounts re-sync it (incremental).
+
+    `master` is the in-process master (a LocalClient): embedded mode needs no socket for this.
+    """
+    wanted = parse_uri(uri, options)
+    try:
+        info = await master.call("dataset_spec", name=EMBEDDED_DATASET)
+    except NotFound:
+        await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
+    else:
+        if (info["uri"], info["options"]) != (wanted.uri, wanted.options):
+            await master.call("dataset_remove", name=EMBEDDED_DATASET)
             await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
-        else:
-            if (info["uri"], info["options"]) != (uri, options):
-                await master.call("dataset_remove", name=EMBEDDED_DATASET)
-                await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
-        report = await master.call("dataset_sync", name=EMBEDDED_DATASET)
-        log.info("embedded dataset synced: %s", report)
+    report = await master.call("dataset_sync", name=EMBEDDED_DATASET, timeout=6 * 3600)
+    log.info("embedded dataset synced: %s", report)
 
 
 def embedded_state_dir(base: Path, uri: str) -> Path:
@@ -171,10 +171,11 @@ async def run_embedded(
     *,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Master + worker + FUSE client in this process.
+    """Master + worker + FUSE client in this process; reports the master's address.
 
-    The master and worker still serve RPC on loopback (for `cachefs load`, `status`, other
-    clients); this process's own client calls them directly.
+    The master and worker also serve RPC on loopback (for `cachefs load`, `status`, other
+    clients), authenticated with `opts.secret` like any cluster; this process's own client
+    calls them directly.
     """
     from cachefs.master.service import run_master
     from cachefs.worker.service import run_worker
@@ -184,19 +185,24 @@ async def run_embedded(
     local: dict = {}  # the services themselves, so the client calls them without sockets
     async with trio.open_nursery() as nursery:
         master = await nursery.start(
-            functools.partial(run_master, ("127.0.0.1", 0), state / "master", local=local)
-        )
-        await ensure_embedded_dataset(master, uri, options)
+            functools.partial(
+                run_master, ("127.0.0.1", 0), state / "master", local=local,
+                secret=opts.secret, publish_secret=True,
+            )
+        )  # fmt: skip
+        await ensure_embedded_dataset(LocalClient(local["master"]), uri, options)
         store = store_factory(state / "worker")
         try:
             await nursery.start(
-                functools.partial(run_worker, master, ("127.0.0.1", 0), store, local=local)
+                functools.partial(
+                    run_worker, master, ("127.0.0.1", 0), store, local=local, secret=opts.secret
+                )
             )
             await nursery.start(
                 functools.partial(_serve_then_stop, local=local),
                 nursery, EMBEDDED_DATASET, master, mountpoint, opts,
             )  # fmt: skip
-            task_status.started()
+            task_status.started({"master": format_address(master), "secret_file": opts.secret_file})
             await trio.sleep_forever()
         finally:
             nursery.cancel_scope.cancel()
@@ -228,7 +234,11 @@ async def run_cluster_mount(
 
 
 async def run_foreground(serve, mountpoint: Path) -> None:
-    """Runs a mount until it is unmounted or the process gets SIGINT/SIGTERM (which unmount)."""
+    """Runs a mount until it is unmounted or the process gets SIGINT/SIGTERM (which unmount).
+
+    `serve` may report facts at start (embedded mode: its master's address and secret file),
+    which go into the pid file so `cachefs mount` can print them.
+    """
     pidfile = pid_file(mountpoint)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -239,8 +249,8 @@ async def run_foreground(serve, mountpoint: Path) -> None:
                 finally:  # unmounted from outside: the process is done
                     nursery.cancel_scope.cancel()
 
-            await nursery.start(serve_then_stop)
-            pidfile.write_text(str(os.getpid()))  # noqa: ASYNC240 - tiny local file
+            facts = await nursery.start(serve_then_stop)
+            write_pid_file(pidfile, mountpoint=str(mountpoint), **(facts or {}))
             print(f"cachefs mounted on {mountpoint}", flush=True)
 
             async def stop_on_signal():
@@ -256,41 +266,56 @@ async def run_foreground(serve, mountpoint: Path) -> None:
 # ---- the background daemon and umount ----------------------------------------------------
 
 
-def spawn_background(argv: list[str], mountpoint: Path, log_path: Path) -> None:
-    """Starts `cachefs mount ... -f` detached and returns once the mount answers."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log_file:
+def spawn_background(argv: list[str], mountpoint: Path, log_path: Path) -> dict:
+    """Starts `cachefs mount ... -f` detached; returns its pid record once the mount answers."""
+    try:
+        log_fd = open_private(log_path)  # never appends through a planted symlink
+    except OSError as exc:
+        raise CacheFsError(f"cannot open the mount log {log_path}: {exc.strerror}") from None
+    try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "cachefs.cli", *argv, "--foreground"],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
         )  # fmt: skip
+    finally:
+        os.close(log_fd)
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
             raise CacheFsError(tail[0].removeprefix("cachefs: error: ") if tail else "mount failed")
-        if os.path.ismount(mountpoint) and pid_file(mountpoint).exists():
-            return
+        if os.path.ismount(mountpoint):
+            record = read_pid_file(pid_file(mountpoint))
+            if record is not None and record["pid"] == proc.pid:
+                return record
         time.sleep(0.05)  # polling the kernel's mount table; there is no event to wait on
     proc.kill()
     raise CacheFsError(f"mount of {mountpoint} did not become ready in {READY_TIMEOUT:.0f}s")
 
 
 def unmount(mountpoint: Path, timeout: float = 30.0) -> None:
-    """Unmounts and waits until the serving process has exited."""
+    """Unmounts and waits until the serving process has exited.
+
+    Only a process the pid file proves to be this mount's cachefs process is waited for (and
+    killed if it hangs): a forged or stale pid file names nobody.
+    """
     if not os.path.ismount(mountpoint):
         raise InvalidArgument(f"{mountpoint} is not mounted")
     pidfile = pid_file(mountpoint)
-    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    record = read_pid_file(pidfile)
+    if record is not None and record.get("mountpoint") != str(mountpoint):
+        record = None
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:
         raise CacheFsError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
-    if pid is None:
+    if record is None:
         return
+    pid = record["pid"]
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
+            if read_pid_file(pidfile) == record:  # still that very process
+                os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.05)  # waiting for another process to exit: no event to wait on
     pidfile.unlink(missing_ok=True)

@@ -13,13 +13,15 @@ import trio
 
 from cachefs import __version__
 from cachefs.config import format_address
-from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
+from cachefs.credentials import load_or_create, publish, redact, unpublish
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from cachefs.master.console import Console
 from cachefs.master.jobs import LoadJobs, check_schedule
 from cachefs.master.namespace import MetadataStore
 from cachefs.master.registry import WorkerRegistry
 from cachefs.meta import Attr, cache_key
 from cachefs.rpc import RpcServer
+from cachefs.runtime import private_dir
 from cachefs.ufs import RemoteStore, parse_uri
 from cachefs.workers import WorkerDirectory
 
@@ -27,6 +29,11 @@ log = logging.getLogger("cachefs.master")
 
 READDIR_MAX = 5000
 LOOKUP_MANY_MAX = 10_000
+
+
+def _public(info: dict) -> dict:
+    """A dataset's record as any client may see it: credentials shown as ***."""
+    return {**info, "options": redact(info["options"])}
 
 
 def _entries(page: list[tuple[str, Attr]]) -> list:
@@ -37,6 +44,7 @@ class MasterService:
     """RPC handlers (`rpc_*`) over the metadata store and the worker registry."""
 
     def __init__(self, state_dir: str | Path, *, liveness: float = 10.0):
+        self.state_dir = Path(state_dir)
         self.store = MetadataStore(state_dir)
         self.registry = WorkerRegistry(liveness=liveness, on_change=self._membership_changed)
         # Workers known before a restart stay members (until they miss heartbeats), so clients
@@ -47,6 +55,7 @@ class MasterService:
         # Set by run_master: clients for the live workers, and the load jobs.
         self.workers: WorkerDirectory | None = None
         self.jobs: LoadJobs | None = None
+        self.console: Console | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -67,24 +76,47 @@ class MasterService:
 
     async def rpc_dataset_add(self, name: str, uri: str, options: dict | None = None) -> dict:
         options = {str(k): str(v) for k, v in (options or {}).items()}
-        parse_uri(uri, options)  # InvalidArgument before anything touches the network
+        # InvalidArgument before anything touches the network. Options given in the URI's
+        # query join the others, so the stored URI (shown everywhere) carries no credential.
+        parsed = parse_uri(uri, options)
         self.store.check_new_name(name)
-        remote = RemoteStore(uri, options)
+        remote = RemoteStore(parsed.uri, parsed.options)
         await remote.check()  # NotFound / Unavailable with a one-line message
-        info = self.store.add_dataset(name, uri, options)
+        info = self.store.add_dataset(name, parsed.uri, parsed.options)
         self._remotes[name] = remote
-        log.info("dataset %s added: %s", name, uri)
-        return info
+        log.info("dataset %s added: %s", name, parsed.uri)
+        return _public(info)
 
     async def rpc_backup(self, path: str) -> dict:
-        size = await trio.to_thread.run_sync(self.store.backup, path)
-        return {"bytes": size, "datasets": len(self.store.datasets())}
+        """Writes a copy of the state to `path`, which must lie in the state dir's backups/."""
+        target = self._backup_target(path)
+        size = await trio.to_thread.run_sync(self.store.backup, str(target))
+        return {"bytes": size, "datasets": len(self.store.datasets()), "path": str(target)}
+
+    def _backup_target(self, path: str) -> Path:
+        """`path` as a file directly in STATE/backups (a bare name is taken from there).
+
+        The master runs as root: a caller must not make it write anywhere else.
+        """
+        base = private_dir(self.state_dir / "backups").resolve()
+        target = (base / path).resolve()
+        if not path or target.parent != base:
+            raise PermissionDenied(
+                f"backups are written only into the master's state dir, {base}: give a file "
+                f"name, not {path!r}"
+            )
+        return target
 
     async def rpc_dataset_list(self) -> list[dict]:
-        return self.store.datasets()
+        return [_public(info) for info in self.store.datasets()]
 
     async def rpc_dataset_info(self, name: str) -> dict:
-        return self.store.dataset(name)
+        return _public(self.store.dataset(name))
+
+    async def rpc_dataset_spec(self, name: str) -> dict:
+        """URI and options with their credentials, for workers and mounts (authenticated)."""
+        info = self.store.dataset(name)
+        return {"uri": info["uri"], "options": info["options"]}
 
     async def rpc_dataset_remove(self, name: str) -> None:
         self.store.dataset(name)
@@ -205,7 +237,7 @@ class MasterService:
         def total(section: str, name: str, field: str) -> int:
             return sum(s.get(section, {}).get(name, {}).get(field, 0) for s in stats.values())
 
-        for info in self.store.datasets():
+        for info in map(_public, self.store.datasets()):
             name = info["name"]
             # Each file counted once, where readers look for it (its owner): copies left on
             # other workers after membership changes do not push the share past 100%.
@@ -253,6 +285,12 @@ class MasterService:
             }
             for host, cached in ranked
         ]
+
+    async def rpc_console_url(self) -> str:
+        """The console's login URL (it carries the console token: authenticated callers only)."""
+        if self.console is None:
+            raise NotFound("this master serves no console (start it with --http HOST:PORT)")
+        return self.console.login_url()
 
     # ---- load jobs ------------------------------------------------------------------------
 
@@ -327,6 +365,7 @@ async def run_master(
     state_dir: str | Path,
     *,
     secret: bytes | None = None,
+    publish_secret: bool = False,
     liveness: float = 10.0,
     http: tuple[str, int] | None = None,
     local: dict | None = None,
@@ -334,11 +373,14 @@ async def run_master(
 ) -> None:
     """Serves until cancelled; `task_status.started` gets the bound (host, port).
 
+    `secret` None means no authentication (the CLI's --insecure). With `publish_secret`, this
+    user's clients on this host find the secret by the master's port (cachefs.credentials).
     `local`, if given, receives the service as local["master"], for in-process callers.
     """
     service = MasterService(state_dir, liveness=liveness)
     if local is not None:
         local["master"] = service
+    bound = None
     try:
         async with (
             WorkerDirectory(service.rpc_workers, secret=secret) as workers,
@@ -349,12 +391,18 @@ async def run_master(
             await nursery.start(service.jobs.run)
             server = RpcServer(service, secret=secret, name="master")
             bound = await nursery.start(server.serve, *listen)
+            if secret is not None and publish_secret:
+                publish(bound[1], secret)
             nursery.start_soon(service.expire_workers)
             if http is not None:
-                console = Console(service, *http, trio.lowlevel.current_trio_token())
+                token = load_or_create(service.state_dir / "console-token").decode()
+                console = Console(service, *http, trio.lowlevel.current_trio_token(), token=token)
+                service.console = console
                 console.start()
                 nursery.start_soon(_stop_on_cancel, console.stop)
             log.info("master listening on %s, state in %s", format_address(bound), state_dir)
             task_status.started(bound)
     finally:
+        if secret is not None and publish_secret and bound is not None:
+            unpublish(bound[1], secret)
         service.close()

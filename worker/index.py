@@ -19,6 +19,7 @@ from pathlib import Path
 import lmdb
 import msgpack
 
+from cachefs.runtime import private_dir, private_lmdb
 from cachefs.worker.slab import Slot
 
 
@@ -33,10 +34,11 @@ class Location:
 
 class CacheIndex:
     def __init__(self, path: Path, *, map_size: int = 1 << 34):
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path)
         self.env = lmdb.open(
-            str(path / "index.lmdb"), map_size=map_size, max_dbs=4, sync=False, metasync=False
-        )
+            private_lmdb(path / "index.lmdb"), map_size=map_size, max_dbs=4, sync=False,
+            metasync=False, mode=0o600,
+        )  # fmt: skip
         self._entries = self.env.open_db(b"entries")
         self._meta = self.env.open_db(b"meta")
 

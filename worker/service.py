@@ -269,7 +269,7 @@ class MasterLink:
         known = self._remotes.get(dataset)
         if known is not None and trio.current_time() < known[2]:
             return known[1]
-        info = await self.client.call("dataset_info", name=dataset)
+        info = await self.client.call("dataset_spec", name=dataset)  # with its credentials
         spec = (info["uri"], tuple(sorted(info["options"].items())))
         if known is None or known[0] != spec:  # new, or removed and added again elsewhere
             known = (spec, RemoteStore(info["uri"], info["options"]), 0.0)

@@ -36,8 +36,10 @@ class Tier:
         os.chmod(path.parent, 0o700)
         # An existing file of the right size keeps its contents: the index may point into it.
         self.reused = path.exists() and path.stat().st_size == self.capacity
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Cached dataset bytes: private to the worker's user, whatever a previous run left.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             if not self.reused:
                 os.ftruncate(fd, 0)
                 try:
