@@ -92,6 +92,12 @@ class ServiceProcess:
             self._log.close()
         self.proc = None
 
+    @property
+    def secret(self) -> bytes | None:
+        """The shared secret a master created in its state dir (None for other processes)."""
+        path = Path(self.args[self.args.index("--state") + 1]) / "secret"
+        return path.read_bytes().strip() if path.exists() else None
+
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 

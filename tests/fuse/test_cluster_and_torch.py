@@ -120,9 +120,10 @@ def test_backup_restores_into_a_new_master_that_mounts(mounts, tmp_path):
     try:
         added = run_cli("dataset", "add", "ds", source.as_uri(), "--master", master.address)
         assert added.returncode == 0, added.stderr
-        backup = tmp_path / "meta.backup"
-        result = run_cli("master", "backup", str(backup), "--master", master.address)
+        result = run_cli("master", "backup", "meta.backup", "--master", master.address)
         assert result.returncode == 0 and "backup of 1 datasets" in result.stdout, result.stderr
+        backup = tmp_path / "master-state" / "backups" / "meta.backup"  # only there
+        assert str(backup) in result.stdout
     finally:
         master.stop()
 

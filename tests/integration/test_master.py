@@ -84,7 +84,7 @@ async def test_sync_local_directory_matches_source(master, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "200 files" in result.stdout
 
-    async with RpcClient(parse_address(master.address)) as client:
+    async with RpcClient(parse_address(master.address), secret=master.secret) as client:
         found = await walk_master(client, "frames")
         expected = local_listing(source)
         assert set(found) == set(expected)
@@ -131,7 +131,7 @@ async def test_sync_s3_bucket_matches_source(master, moto_server):
     assert result.returncode == 0, result.stderr
     remote_mtimes = moto_server.mtimes("train", "sets/a/")
 
-    async with RpcClient(parse_address(master.address)) as client:
+    async with RpcClient(parse_address(master.address), secret=master.secret) as client:
         found = await walk_master(client, "s3set")
     found_files = {p: a for p, a in found.items() if not a.is_dir}
     assert set(found_files) == set(files)
@@ -147,12 +147,12 @@ async def test_restart_keeps_ids_and_resync_counts_changes(master, tmp_path):
     files = sample_files(n_dirs=5, per_dir=10)
     write_tree(source, files)
     assert cli(master, "dataset", "add", "ds", source.as_uri()).returncode == 0
-    async with RpcClient(parse_address(master.address)) as client:
+    async with RpcClient(parse_address(master.address), secret=master.secret) as client:
         before = await walk_master(client, "ds")
 
     master.stop()
     master.start()
-    async with RpcClient(parse_address(master.address)) as client:
+    async with RpcClient(parse_address(master.address), secret=master.secret) as client:
         after_restart = await walk_master(client, "ds")
     assert after_restart == before
 
@@ -169,7 +169,7 @@ async def test_restart_keeps_ids_and_resync_counts_changes(master, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "added 0, changed 3, removed 2" in result.stdout
 
-    async with RpcClient(parse_address(master.address)) as client:
+    async with RpcClient(parse_address(master.address), secret=master.secret) as client:
         after_sync = await walk_master(client, "ds")
     assert set(after_sync) == set(before) - set(removed)
     for path, attr in after_sync.items():
@@ -267,13 +267,20 @@ def test_shared_secret_end_to_end(tmp_path):
     wrong = tmp_path / "wrong"
     wrong.write_text("a different secret entirely\n")
     wrong.chmod(0o600)
+    elsewhere = tmp_path / "other-runtime"  # the runtime dir of another user or host
+    elsewhere.mkdir(mode=0o700)
     master = master_process(tmp_path, "--secret-file", str(secret))
     master.start()
     try:
         ok = run_cli("dataset", "ls", "--master", master.address, "--secret-file", str(secret))
         assert ok.returncode == 0, ok.stderr
-        for args in ([], ["--secret-file", str(wrong)]):
-            denied = run_cli("dataset", "ls", "--master", master.address, *args)
+        # the same user on the master's host finds the secret the master published
+        assert run_cli("dataset", "ls", "--master", master.address).returncode == 0
+        for args, env in (
+            ([], {"XDG_RUNTIME_DIR": str(elsewhere)}),
+            (["--secret-file", str(wrong)], {}),
+        ):
+            denied = run_cli("dataset", "ls", "--master", master.address, *args, env=env)
             assert denied.returncode == 1 and denied.stderr.count("\n") == 1
             assert "auth" in denied.stderr.lower() or "secret" in denied.stderr.lower()
         secret.chmod(0o644)
@@ -293,7 +300,7 @@ def test_restarted_master_still_lists_its_workers(tmp_path):
         master.start()  # at once: before the worker's next heartbeat
 
         async def members():
-            async with RpcClient(parse_address(master.address)) as client:
+            async with RpcClient(parse_address(master.address), secret=master.secret) as client:
                 return await client.call("workers")
 
         assert [w["address"] for w in trio.run(members)["workers"]] == [worker.address]

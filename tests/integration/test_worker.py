@@ -208,7 +208,7 @@ def test_worker_process_restart_serves_1000_files_without_remote_reads(tmp_path)
         mtimes = {rel: (source / rel).stat().st_mtime_ns for rel in files}
 
         async def read_all(expect_remote_reads):
-            async with RpcClient(parse_address(worker.address)) as client:
+            async with RpcClient(parse_address(worker.address), secret=master.secret) as client:
 
                 async def one(rel):
                     _, payload = await client.call_with_payload(
@@ -230,7 +230,7 @@ def test_worker_process_restart_serves_1000_files_without_remote_reads(tmp_path)
         trio.run(read_all, 0)
 
         async def registered():
-            async with RpcClient(parse_address(master.address)) as client:
+            async with RpcClient(parse_address(master.address), secret=master.secret) as client:
                 return await client.call("workers")
 
         live = trio.run(registered)["workers"]
