@@ -350,7 +350,7 @@ class Cluster:
         args = [
             "--master", self.master_address, "--listen", address, "--advertise", address,
             "--state", str(base / "state"), "--shm", str(base / "shm"), "--host-id", name,
-            *mem, *extra,
+            "--secret-file", str(self.secret_file), *mem, *extra,
         ]  # fmt: skip
         return NsService(host, "worker", args, self.tmp / f"{name}.log")
 
@@ -461,11 +461,20 @@ class Cluster:
         mountpoint.mkdir(exist_ok=True)
         self.mounts.append(mountpoint)
         result = self.net[client].run(
-            cachefs_cmd("mount", dataset, str(mountpoint), "--master", self.master_address, *args),
+            cachefs_cmd(
+                "mount", dataset, str(mountpoint), "--master", self.master_address,
+                "--secret-file", str(self.secret_file), *args,
+            ),  # fmt: skip
             timeout=300,
         )
         assert result.returncode == 0, result.stderr
         return mountpoint
+
+    @property
+    def secret_file(self) -> Path:
+        """The secret the master created; other hosts get it as a copy would be given to them
+        (--secret-file), while commands on the master's host find it themselves."""
+        return self.tmp / "master-state" / "secret"
 
     def logs(self) -> str:
         """The tail of every process's log (for assertion messages)."""
