@@ -2,7 +2,8 @@
 
 For each size (default 100k and 1M entries) it builds a synthetic local tree of empty sparse
 files (directories of 10 "frames", like rawframes), starts a real `cachefs master` process,
-and measures over real RPC on loopback:
+and measures over real RPC on loopback (authenticated with the secret the master creates in its
+state dir, as any client of a cluster is):
 
   * sync time of the whole tree (`dataset add` = first sync) and of an unchanged re-sync;
   * lookups/s with single `lookup` calls (C concurrent callers over one connection) and with
@@ -63,8 +64,8 @@ def memory(pid: int) -> tuple[float, float]:
     return info.rss / 2**20, info.uss / 2**20
 
 
-async def lookup_rates(address, names, *, calls: int, concurrency: int, batch: int) -> dict:
-    async with RpcClient(address, pool_size=1) as client:
+async def lookup_rates(address, secret, names, *, calls: int, concurrency: int, batch: int) -> dict:
+    async with RpcClient(address, secret=secret, pool_size=1) as client:
         rng = random.Random(1)
         sample = [names[rng.randrange(len(names))] for _ in range(calls * batch)]
         # Resolve the sampled names' directories first (untimed), as a FUSE client's cache
@@ -127,12 +128,14 @@ def run_size(entries: int, workdir: Path) -> dict:
         assert result.returncode == 0 and "changed 0, removed 0" in result.stdout, result
         row["resync_s"] = time.perf_counter() - started
 
-        address = parse_address(master.address)
+        address, secret = parse_address(master.address), master.secret
         single = trio.run(
-            lambda: lookup_rates(address, names, calls=40_000, concurrency=512, batch=1)
+            lambda: lookup_rates(address, secret, names, calls=40_000, concurrency=512, batch=1)
         )
         row["lookup_single_per_s"] = single["lookups"] / single["seconds"]
-        many = trio.run(lambda: lookup_rates(address, names, calls=1_000, concurrency=8, batch=100))
+        many = trio.run(
+            lambda: lookup_rates(address, secret, names, calls=1_000, concurrency=8, batch=100)
+        )
         row["lookup_batched_per_s"] = many["lookups"] / many["seconds"]
         row["rss_end"], row["uss_end"] = memory(pid)
         return row

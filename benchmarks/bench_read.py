@@ -57,6 +57,7 @@ from benchmarks.harness import (  # noqa: E402
     drop_caches,
     embedded_worker_stats,
     file_reader,
+    mount_pid,
     read_pass,
     s3_reader,
     start_store,
@@ -65,7 +66,6 @@ from benchmarks.harness import (  # noqa: E402
 )
 from benchmarks.harness import profiled as _profiled  # noqa: E402
 from benchmarks.results import replace_section  # noqa: E402
-from cachefs.fuse.mount import pid_file  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE  # noqa: E402
 from tests.procs import run_cli  # noqa: E402
 
@@ -171,7 +171,7 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
         if result.returncode != 0:
             raise RuntimeError(f"cachefs mount failed: {result.stderr.strip()}")
         info["mount_s"] = time.perf_counter() - t
-        pid = int(pid_file(mountpoint).read_text())
+        pid = mount_pid(mountpoint)
         info["mount_pid"] = pid
         print(f"mounted in {info['mount_s']:.1f} s (pid {pid}, metadata synced)", flush=True)
         before = embedded_worker_stats(pid)

@@ -3,8 +3,9 @@
 Builds a local source tree of random files (default 4 KiB x 2000, 64 KiB x 1000, 1 MiB x 200),
 starts a real `cachefs master` and a real `cachefs worker` process (1 GiB MEM tier in
 /dev/shm), adds the tree as a dataset and warms the cache by reading every file once over RPC
-(each miss fills from the source; every byte is checked against the local file). Then, per
-object size:
+(each miss fills from the source; every byte is checked against the local file). Every RPC
+client here authenticates with the secret the master created in its state dir, as the worker
+does. Then, per object size:
 
   * cachefs: 8 concurrent clients read the files for a fixed time over loopback RPC. The load
     runs in 2 processes with 4 trio tasks each, every task with its own `RpcClient` (one
@@ -140,7 +141,9 @@ async def _rpc_load(cmd: dict, barrier) -> dict:
     async with AsyncExitStack() as stack:
         clients = []
         for order in cmd["orders"]:  # connect each client and take one untimed read
-            client = await stack.enter_async_context(RpcClient(address, pool_size=1))
+            client = await stack.enter_async_context(
+                RpcClient(address, secret=cmd["secret"], pool_size=1)
+            )
             await read(client, entries[order[0]])
             clients.append(client)
         await trio.to_thread.run_sync(barrier.wait)
@@ -276,12 +279,15 @@ class LoadGenerators:
 
 
 async def resolve_and_warm(
-    master: str, worker: str, source: Path, paths: dict[int, list[str]]
+    master: str, worker: str, secret: bytes | None, source: Path, paths: dict[int, list[str]]
 ) -> dict[int, list[Entry]]:
     """Asks the master for each file's attributes (as a client would), then reads every file
     once through the worker (a miss: fills from the source) and checks the bytes."""
     entries: dict[int, list[Entry]] = {}
-    async with RpcClient(parse_address(master)) as mc, RpcClient(parse_address(worker)) as wc:
+    async with (
+        RpcClient(parse_address(master), secret=secret) as mc,
+        RpcClient(parse_address(worker), secret=secret) as wc,
+    ):
         limiter = trio.Semaphore(16)
 
         async def one(size: int, i: int, rel: str) -> None:
@@ -310,9 +316,9 @@ async def resolve_and_warm(
     return entries
 
 
-def worker_stats(address: str) -> dict:
+def worker_stats(address: str, secret: bytes | None) -> dict:
     async def get():
-        async with RpcClient(parse_address(address)) as client:
+        async with RpcClient(parse_address(address), secret=secret) as client:
             return await client.call("stats")
 
     return trio.run(get)
@@ -336,6 +342,7 @@ def host_busy() -> tuple[float, float]:
 def measure_size(
     load: LoadGenerators,
     worker_address: str,
+    secret: bytes | None,
     worker_pid: int,
     root: Path,
     size: int,
@@ -347,18 +354,18 @@ def measure_size(
 ) -> dict:
     """`repeat` alternating cachefs / local runs; the best run of each kind is reported."""
     orders = shuffled_orders(len(entries), clients, seed=size)
-    common = {"entries": entries, "seconds": seconds}
+    common = {"entries": entries, "seconds": seconds, "secret": secret}
     proc = psutil.Process(worker_pid)
     rpc_runs, local_runs = [], []
     for _ in range(repeat):
-        before = worker_stats(worker_address)
+        before = worker_stats(worker_address, secret)
         cpu0, host0 = sum(proc.cpu_times()[:2]), host_busy()
         rpc = load.run("rpc", orders, address=worker_address, **common)
         rpc["worker_cpu"] = sum(proc.cpu_times()[:2]) - cpu0
         host1 = host_busy()
         rpc["other_cpu"] = host1[0] - host0[0] - rpc["worker_cpu"] - rpc["cpu"]
         rpc["softirq"] = host1[1] - host0[1]
-        after = worker_stats(worker_address)
+        after = worker_stats(worker_address, secret)
         calls = rpc["ops"] + rpc["untimed"]
         deltas = {k: after[k] - before[k] for k in ("hits", "misses", "remote_reads")}
         if rpc["not_hit"] or deltas != {"hits": calls, "misses": 0, "remote_reads": 0}:
@@ -517,8 +524,9 @@ def main() -> None:
         load = LoadGenerators(args.procs)  # starts while the cache warms
 
         t = time.perf_counter()
-        entries = trio.run(resolve_and_warm, master.address, worker.address, source, paths)
-        warm = worker_stats(worker.address)
+        secret = master.secret  # STATE/secret, made by the master before it listens
+        entries = trio.run(resolve_and_warm, master.address, worker.address, secret, source, paths)
+        warm = worker_stats(worker.address, secret)
         n_files = sum(len(e) for e in entries.values())
         if warm["remote_reads"] != n_files or warm["evictions"] or warm["not_stored"]:
             raise AssertionError(f"warm pass did not cache every file once: {warm}")
@@ -528,7 +536,7 @@ def main() -> None:
         for size, _ in mix:
             rows.append(
                 measure_size(
-                    load, worker.address, worker.proc.pid, source, size, entries[size],
+                    load, worker.address, secret, worker.proc.pid, source, size, entries[size],
                     clients=args.clients, seconds=seconds, repeat=args.repeat,
                 )
             )  # fmt: skip

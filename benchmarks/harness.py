@@ -360,23 +360,40 @@ def wait_for_mount(mountpoint: Path, proc: subprocess.Popen, timeout: float, log
         time.sleep(0.05)  # the kernel's mount table has no event to wait on
 
 
+def mount_pid(mountpoint: Path) -> int:
+    """The pid of the cachefs process serving `mountpoint` (its pid file is a JSON record that
+    `cachefs umount` checks: pid, start time, and for embedded mounts master and secret)."""
+    from cachefs.fuse.mount import pid_file
+    from cachefs.runtime import read_pid_file
+
+    record = read_pid_file(pid_file(mountpoint))
+    if record is None:
+        raise RuntimeError(f"no live cachefs process recorded for {mountpoint}")
+    return record["pid"]
+
+
 def listening_ports(pid: int) -> list[int]:
     conns = psutil.Process(pid).net_connections(kind="tcp")
     return sorted({c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN})
 
 
-def worker_stats_at(addresses: list[str]) -> dict | None:
-    """The `stats` of the first address that answers like a cachefs worker (else None)."""
+def worker_stats_at(addresses: list[str], secret: bytes | None = None) -> dict | None:
+    """The `stats` of the first address that answers like a cachefs worker (else None).
+
+    Workers authenticate their callers: `secret` is the cluster's (a refused handshake
+    raises, rather than passing for "not a worker")."""
     import trio
 
-    from cachefs.errors import CacheFsError
+    from cachefs.errors import AuthenticationFailed, CacheFsError
     from cachefs.rpc import RpcClient
 
     async def ask() -> dict | None:
         for address in addresses:
             try:
-                async with RpcClient(address, timeout=10) as client:
+                async with RpcClient(address, secret=secret, timeout=10) as client:
                     reply = await client.call("stats")
+            except AuthenticationFailed:
+                raise
             except CacheFsError:
                 continue  # e.g. a master: no such method
             if isinstance(reply, dict) and "remote_reads" in reply:
@@ -386,20 +403,33 @@ def worker_stats_at(addresses: list[str]) -> dict | None:
     return trio.run(ask)
 
 
-_embedded_worker: dict[int, str] = {}
+def published_secret(ports: list[int]) -> bytes | None:
+    """The secret a master of this user on this host published for one of `ports`, as
+    `cachefs status --master 127.0.0.1:PORT` finds it (an embedded mount's master does)."""
+    from cachefs.credentials import client_secret
+
+    for port in ports:
+        secret = client_secret(None, ("127.0.0.1", port))
+        if secret is not None:
+            return secret
+    return None
+
+
+_embedded_worker: dict[int, tuple[str, bytes | None]] = {}
 
 
 def embedded_worker_stats(pid: int, skip_ports: set[int] = frozenset()) -> dict | None:
-    """The embedded worker's `stats` (found among the mount process's listening ports)."""
+    """The embedded worker's `stats` (found among the mount process's listening ports; the
+    secret is the one its embedded master published, which the worker shares)."""
     known = _embedded_worker.get(pid)
     if known is not None:
-        return worker_stats_at([known])
-    for port in listening_ports(pid):
-        if port in skip_ports:
-            continue
-        stats = worker_stats_at([f"127.0.0.1:{port}"])
+        return worker_stats_at([known[0]], known[1])
+    ports = [port for port in listening_ports(pid) if port not in skip_ports]
+    secret = published_secret(ports)
+    for port in ports:
+        stats = worker_stats_at([f"127.0.0.1:{port}"], secret)
         if stats is not None:
-            _embedded_worker[pid] = f"127.0.0.1:{port}"
+            _embedded_worker[pid] = (f"127.0.0.1:{port}", secret)
             return stats
     return None
 

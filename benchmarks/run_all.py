@@ -73,7 +73,6 @@ from benchmarks.dataset import (  # noqa: E402
 )
 from benchmarks.harness import ContentError, CpuMeter, MiB, drop_caches  # noqa: E402
 from benchmarks.results import replace_section  # noqa: E402
-from cachefs.fuse.mount import pid_file  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE  # noqa: E402
 from tests.conftest import _free_port  # noqa: E402
 from tests.procs import ServiceProcess, master_process, run_cli  # noqa: E402
@@ -369,7 +368,7 @@ class Bench:
         result = run_cli("mount", source, str(mnt), "--metrics", metrics, *extra, timeout=1800)
         if result.returncode != 0:
             raise RuntimeError(f"cachefs mount failed: {result.stderr.strip()}")
-        return int(pid_file(mnt).read_text())
+        return harness.mount_pid(mnt)
 
     def warm_profile(self, system: str, mnt: Path, metrics: str, pids: dict[str, int]) -> None:
         """An extra warm pass (drop first) under py-spy, plus CPU per FUSE op without py-spy."""
@@ -508,7 +507,7 @@ class Bench:
         addresses = [w.address for w in workers]
 
         def stats() -> dict | None:
-            per_worker = [harness.worker_stats_at([a]) for a in addresses]
+            per_worker = [harness.worker_stats_at([a], master.secret) for a in addresses]
             if any(s is None for s in per_worker):
                 return None
             return {"remote_reads": sum(s["remote_reads"] for s in per_worker)}
