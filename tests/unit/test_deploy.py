@@ -8,6 +8,10 @@ checked without one:
   specifier expansion) is parsed by the real click command objects of `cachefs.cli.main`: an
   unknown subcommand, a renamed or removed flag, a missing required option or a stray argument
   fails here; concrete addresses, sizes and dataset URIs go through cachefs's own parsers;
+- authentication: every command that talks to a cluster passes --secret-file, and that path is
+  a file cachefs accepts (no group/other access, readable by its user): the compose init service's
+  script is run here, and for Kubernetes the Secret volume's mode, the pod's users and fsGroup,
+  or the init container that copies the Secret into a private file are checked;
 - structure and consistency: compose services, volumes, dependencies and privileges; Kubernetes
   kinds, names, labels, selectors, volumes, ports and the addresses the pieces use to find each
   other; the Fluid CRD fields and the config-parsing script of the ThinRuntime FUSE container
@@ -39,6 +43,7 @@ import yaml
 from cachefs import config as cachefs_config
 from cachefs.cli import main
 from cachefs.config import parse_address, parse_size
+from cachefs.credentials import read_secret
 from cachefs.ufs import parse_uri
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,6 +190,26 @@ def check_cachefs_env(env: dict[str, str], where: str) -> None:
     any other name there is a typo or a setting that was renamed."""
     unknown = sorted(k for k in env if k.startswith("CACHEFS_") and k not in cachefs_env_names())
     assert not unknown, f"{where}: cachefs reads no variable {', '.join(unknown)}"
+
+
+SECRET_NAME = "cachefs-cluster"  # the Kubernetes Secret with the cluster's shared secret
+SECRET_KEY = "secret"
+
+
+def takes_secret(inv: Invocation) -> bool:
+    """Commands that talk to a cluster (all but e.g. `umount`) take --secret-file."""
+    return "secret_file" in inv.params
+
+
+def check_passes_secret(inv: Invocation) -> PurePosixPath:
+    """The command names its secret file itself (not via the environment, nor a secret that a
+    master published in a runtime dir, which only works on the master's host for its user)."""
+    explicit = any(a == "--secret-file" or a.startswith("--secret-file=") for a in inv.argv)
+    assert explicit, f"{inv.where}: `cachefs {inv.path}` without --secret-file: {inv.argv}"
+    assert not inv.params.get("insecure"), f"{inv.where}: --insecure"
+    path = PurePosixPath(inv.params["secret_file"])
+    assert path.is_absolute() and is_concrete(str(path)), f"{inv.where}: --secret-file {path}"
+    return path
 
 
 # --- shell scripts -------------------------------------------------------------------------------
@@ -383,9 +408,12 @@ def test_compose_dependencies_and_volumes_exist(compose):
                     assert source in declared, f"{name}: volume {source} is not declared"
             elif volume["type"] == "volume":
                 assert volume["source"] in declared, name
-    state = [
-        v.split(":")[0] for n in ("master", "worker1", "worker2") for v in services[n]["volumes"]
-    ]
+    found = compose_invocations(compose)
+    state = []
+    for name in ("master", "worker1", "worker2"):
+        (inv,) = found[name]
+        targets = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        state.append(targets[inv.params["state"]])
     assert len(set(state)) == 3, f"master and workers need their own state volumes: {state}"
 
 
@@ -439,6 +467,75 @@ def test_compose_client_can_mount_fuse_and_share_it(compose):
     env = _service_env(client)
     assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"]
     assert _service_env(compose["services"]["s3"])["MINIO_ROOT_USER"] == env["AWS_ACCESS_KEY_ID"]
+
+
+def _compose_mounts(service: dict) -> dict[str, tuple[str, bool]]:
+    """A service's volumes: target -> (source, read-only)."""
+    mounts = {}
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            mounts[target] = (source, "ro" in (mode[0].split(",") if mode else []))
+        else:
+            mounts[volume["target"]] = (volume.get("source"), bool(volume.get("read_only")))
+    return mounts
+
+
+def test_compose_every_cachefs_command_uses_the_secret_the_init_service_makes(compose, tmp_path):
+    services = compose["services"]
+    init = services["secret"]
+    assert "profiles" not in init and init.get("restart") == "no"
+    ((target, (volume, read_only)),) = _compose_mounts(init).items()
+    assert not read_only and volume in compose["volumes"]
+    users = set()
+    checked = set()
+    for name, invocations in compose_invocations(compose).items():
+        for inv in filter(takes_secret, invocations):
+            path = check_passes_secret(inv)
+            service = services[name]
+            assert _compose_mounts(service).get(str(path.parent)) == (volume, True), (
+                f"{name}: --secret-file {path} is not in the {volume} volume (read-only)"
+            )
+            assert path.parent == PurePosixPath(target) and path.name == SECRET_KEY, (name, path)
+            condition = (service.get("depends_on") or {}).get("secret", {}).get("condition")
+            assert condition == "service_completed_successfully", f"{name} must wait for it"
+            users.add(service.get("user", "0:0"))
+            checked.add(name)
+    assert {"master", "worker1", "worker2", "client"} <= checked
+    (master,) = compose_invocations(compose)["master"]
+    assert master.params["secret_file"], "the master would make its own secret otherwise"
+    # `docker compose exec client cachefs ...` finds it without a flag
+    client_env = _service_env(services["client"])
+    assert client_env.get("CACHEFS_SECRET_FILE") == f"{target}/{SECRET_KEY}"
+
+    # Run the init script on a directory standing in for the volume: a python stub for the
+    # image's interpreter, a chown stub recording the owner it gives.
+    bin_dir, vol = tmp_path / "bin", tmp_path / "vol"
+    bin_dir.mkdir()
+    vol.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "chown").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "chown.log"}\n')
+    (bin_dir / "chown").chmod(0o755)
+    assert _as_list(init["entrypoint"]) == ["/bin/sh", "-c"]
+    (script,) = _as_list(init["command"])
+    script = script.replace(target, str(vol))
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def run() -> bytes:
+        subprocess.run(["/bin/sh", "-c", script], env=env, check=True, capture_output=True)
+        secret_file = vol / SECRET_KEY
+        mode = secret_file.stat().st_mode & 0o777
+        assert mode == 0o600, f"services.secret leaves {secret_file.name} at mode {mode:o}"
+        return read_secret(secret_file)  # what cachefs itself accepts
+
+    first = run()
+    (vol / SECRET_KEY).chmod(0o644)
+    assert run() == first, "a second start must keep the secret (and close its mode again)"
+    (vol / SECRET_KEY).unlink()
+    assert run() != first, "made at random"
+    owners = {line.split()[0] for line in (tmp_path / "chown.log").read_text().splitlines()}
+    # owned by the user the non-root services run as (the root client reads it anyway)
+    assert owners == users - {"0:0", "0"}, (owners, users)
 
 
 def test_compose_sample_job_uses_flags_cachefs_sample_accepts(compose):
@@ -608,7 +705,11 @@ def test_k8s_selectors_match_template_labels(manifests):
             if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
         ]
         assert len(targets) == 1, f"{file} Service/{doc['metadata']['name']} selects {targets}"
-        ports = {p["name"]: p["containerPort"] for c in _containers(targets[0]) for p in c["ports"]}
+        ports = {
+            p["name"]: p["containerPort"]
+            for c in _containers(targets[0])
+            for p in c.get("ports", [])
+        }
         for port in doc["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             assert target in ports or target in ports.values(), (file, port)
@@ -754,6 +855,111 @@ def test_k8s_fuse_daemonset_mounts_with_bidirectional_propagation(manifests, con
     assert add.params["options"], "DATASET_OPTIONS must split into -o pairs"
 
 
+def _image_runs_as_root() -> bool:
+    """The image's default user: its last USER instruction, root without one."""
+    users = [rest for name, rest in dockerfile_instructions() if name == "USER"]
+    return not users or users[-1].split(":")[0] in ("0", "root")
+
+
+def _run_as(container: dict, pod: dict) -> int:
+    """The uid a container runs as: its own securityContext, else the pod's, else the image's."""
+    for context in (container.get("securityContext", {}), pod.get("securityContext", {})):
+        if "runAsUser" in context:
+            return context["runAsUser"]
+    assert _image_runs_as_root(), f"{container['name']}: the image is not root's: set runAsUser"
+    return 0
+
+
+def _mount_of(path: PurePosixPath, container: dict, where: str) -> tuple[dict, PurePosixPath]:
+    """The (deepest) volumeMount of `container` holding `path`, and the path inside it."""
+    mounts = [m for m in container.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])]
+    assert mounts, f"{where}: no volume of the container holds {path}"
+    mount = max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+    return mount, path.relative_to(mount["mountPath"])
+
+
+def _secret_file(volume: dict, rel: PurePosixPath, where: str) -> int:
+    """The mode of file `rel` of a volume that must be the cluster's Secret."""
+    assert "secret" in volume, f"{where}: volume {volume['name']} is not a Secret"
+    secret = volume["secret"]
+    mode, key = secret.get("defaultMode", 0o644), str(rel)  # the API's default mode
+    for item in secret.get("items", []):
+        if item["path"] == str(rel):
+            mode, key = item.get("mode", mode), item["key"]
+    assert (secret["secretName"], key) == (SECRET_NAME, SECRET_KEY), f"{where}: {secret}"
+    return mode
+
+
+def check_secret_file(
+    path: PurePosixPath, container: dict, pod: dict, earlier_inits: list[dict], where: str
+) -> str:
+    """`path` must be a secret file cachefs accepts (no group/other bits) and the container's
+    user can read. Kubernetes writes Secret files as root with the volume's mode, except that
+    a pod fsGroup adds group read (0440) whatever the mode says. So it is either the Secret
+    itself, for a root container in a pod without fsGroup ("secret"), or a private copy that
+    an earlier init container made in an emptyDir as the same user ("copy")."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mount, rel = _mount_of(path, container, where)
+    assert mount.get("readOnly"), f"{where}: mount {mount['name']} read-only"
+    volume = volumes[mount["name"]]
+    uid = _run_as(container, pod)
+    fs_group = pod.get("securityContext", {}).get("fsGroup")
+    if "secret" in volume:
+        mode = _secret_file(volume, rel, where)
+        assert mode & 0o077 == 0, f"{where}: mode {mode:o} is open to group/others"
+        assert fs_group is None, f"{where}: fsGroup makes the Secret's file group-readable"
+        assert uid == 0, f"{where}: the Secret's file is root's, uid {uid} cannot read it"
+        return "secret"
+    assert "emptyDir" in volume, f"{where}: {path} is neither the Secret nor a copy of it"
+    copiers = []
+    for init in earlier_inits:
+        argv = [*init.get("command", []), *init.get("args", [])]
+        if not argv or PurePosixPath(argv[0]).name != "install":
+            continue
+        mode = int(argv[argv.index("-m") + 1], 8)  # install -m MODE SOURCE DEST
+        source, dest = (PurePosixPath(a) for a in argv[-2:])
+        dest_mount, dest_rel = _mount_of(dest, init, where)
+        if (dest_mount["name"], dest_rel) != (mount["name"], rel):
+            continue
+        source_mount, source_rel = _mount_of(source, init, where)
+        source_mode = _secret_file(volumes[source_mount["name"]], source_rel, where)
+        copier = _run_as(init, pod)
+        assert mode & 0o077 == 0, f"{where}: {init['name']} copies with mode {mode:o}"
+        assert copier == uid, f"{where}: the copy belongs to uid {copier}, read by uid {uid}"
+        # the Secret's file is root's: a non-root copier reads it through fsGroup's group
+        assert copier == 0 or (fs_group is not None and source_mode & 0o040), (
+            f"{where}: {init['name']} (uid {copier}) cannot read the Secret"
+        )
+        copiers.append(init["name"])
+    assert copiers, f"{where}: no init container copies the Secret to {path}"
+    return "copy"
+
+
+def test_k8s_every_cachefs_command_passes_a_secret_file_it_can_use(manifests):
+    covered, ways = set(), Counter()
+    for file, doc in _all_docs(manifests):
+        if doc["kind"] not in WORKLOAD_KINDS:
+            continue
+        pod = _pod_spec(doc)
+        inits = pod.get("initContainers", [])
+        found = k8s_invocations(manifests, file, doc["kind"], doc["metadata"]["name"])
+        for index, container in enumerate(_containers(doc)):
+            where = f"{file} {doc['kind']}/{doc['metadata']['name']} {container['name']}"
+            earlier = inits[:index] if index < len(inits) else inits
+            for inv in filter(takes_secret, found[container["name"]]):
+                path = check_passes_secret(inv)
+                ways[check_secret_file(path, container, pod, earlier, where)] += 1
+                covered.add(f"{doc['kind']}/{doc['metadata']['name']} {container['name']}")
+    assert covered == {
+        "StatefulSet/cachefs-master master",
+        "DaemonSet/cachefs-worker worker",
+        "Job/cachefs-dataset dataset-add",
+        "DaemonSet/cachefs-fuse wait-dataset",
+        "DaemonSet/cachefs-fuse fuse",
+    }
+    assert ways["secret"] and ways["copy"], ways
+
+
 # --- Fluid ThinRuntime ---------------------------------------------------------------------------
 
 # Field names of Fluid's data.fluid.io/v1alpha1 types (api/v1alpha1/thin*_types.go).
@@ -799,6 +1005,27 @@ def test_fluid_thinruntime_fields_and_bindings(manifests):
     assert [inv.path for inv in found] == ["dataset ls", "dataset add", "mount"]
     assert found[-1].params["foreground"], "Fluid runs the mount as the container's process"
     assert found[-1].params["allow_other"], "pods run as other users (--allow-other)"
+
+
+def test_fluid_fuse_container_passes_a_secret_file_it_can_use(manifests):
+    profile = _one(manifests, "fluid-thinruntime.yaml", "ThinRuntimeProfile")
+    fuse = profile["spec"]["fuse"]
+    # Fluid's FUSE DaemonSet (charts/thin/templates/fuse/daemonset.yaml) sets no pod
+    # securityContext and runs the container privileged with runAsUser 0; it adds the
+    # profile's volumes that the FUSE volumeMounts name.
+    pod = {"volumes": profile["spec"].get("volumes", [])}
+    container = {
+        "name": "thin-fuse",
+        "volumeMounts": fuse.get("volumeMounts", []),
+        "securityContext": {"runAsUser": 0},
+    }
+    env = {e["name"]: e["value"] for e in fuse.get("env", [])}
+    found = invocations_in_argv(fuse["command"] + fuse.get("args", []), env, "ThinRuntimeProfile")
+    talking = [inv for inv in found if takes_secret(inv)]
+    assert [inv.path for inv in talking] == ["dataset ls", "dataset add", "mount"]
+    for inv in talking:
+        path = check_passes_secret(inv)
+        assert check_secret_file(path, container, pod, [], "ThinRuntimeProfile fuse") == "secret"
 
 
 def test_fluid_fuse_script_turns_fluid_config_into_cachefs_arguments(manifests, tmp_path):
@@ -1053,6 +1280,24 @@ def test_systemd_worker_unit_flags():
     assert worker.params["shm"] == "/dev/shm"
     entries = {k: v for s, k, v in unit_entries(SYSTEMD / "cachefs-worker.service")}
     assert "PrivateDevices" not in entries, "a private /dev/shm loses the MEM tier"
+
+
+def test_systemd_units_authenticate_with_the_cluster_secret():
+    master_unit = SYSTEMD / "cachefs-master.service"
+    (master,) = unit_invocations(master_unit)["ExecStart"]
+    assert not master.params["insecure"]
+    if master.params["secret_file"] is None:
+        # the master makes STATE/secret on first start: the state dir is the unit's own, private
+        entries = {k: v for s, k, v in unit_entries(master_unit) if s == "Service"}
+        state = PurePosixPath("/var/lib") / entries["StateDirectory"]
+        assert PurePosixPath(master.params["state"]) == state
+        assert int(entries["StateDirectoryMode"], 8) & 0o077 == 0
+    for unit in ("cachefs-worker.service", "cachefs-mount@.service"):
+        found = unit_invocations(SYSTEMD / unit)
+        assert takes_secret(found["ExecStart"][0]), unit
+        for invocations in found.values():
+            for inv in filter(takes_secret, invocations):
+                assert check_passes_secret(inv) == PurePosixPath("/etc/cachefs/secret"), unit
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
