@@ -19,8 +19,13 @@ class Attr(NamedTuple):
     kind: int  # KIND_FILE or KIND_DIR
     size: int
     mtime_ns: int
-    version: int  # bumped by a sync whenever size, mtime or etag changed
+    version: int  # bumped by a sync whenever size, mtime, etag, mode or owner changed
     etag: str | None = None
+    # The source's permission bits and numeric owner (file:// only); None: the mount's defaults.
+    # Appended last, so a shorter list from an older master still decodes.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
     @property
     def is_dir(self) -> bool:

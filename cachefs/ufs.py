@@ -1,19 +1,18 @@
 """Access to the remote store ("UFS") a dataset lives in: a local dir, S3, HDFS or WebHDFS.
 
-Everything goes through a pyarrow filesystem. Its calls block, so each one runs in a worker
-thread bounded by a CapacityLimiter, under a per-call deadline, with retries of transient
-failures only. Failures leave this module as `cachefs.errors` types whose one-line messages
-name the remote path.
+Everything goes through a pyarrow filesystem (for file://, `localfs.JailedLocalFs`, which
+answers the same calls but never resolves a path out of the root). Its calls block, so each
+one runs in a worker thread bounded by a CapacityLimiter, under a per-call deadline, with
+retries of transient failures only. Failures leave this module as `cachefs.errors` types
+whose one-line messages name the remote path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import posixpath
 import re
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
@@ -23,6 +22,8 @@ import tenacity
 import trio
 
 from cachefs import errors, metrics
+from cachefs.localfs import JailedLocalFs, LocalInfo, LocalWalk
+from cachefs.ufs_errors import _endpoint, _is_transient, _one_line, _translate
 
 _T = TypeVar("_T")
 
@@ -59,6 +60,10 @@ class RemoteEntry:
     size: int  # 0 for directories
     mtime_ns: int  # 0 if unknown
     etag: str | None = None
+    # Permission bits and numeric owner of a file:// entry (of a link's target); None elsewhere.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,12 +165,12 @@ def parse_uri(uri: str, options: dict[str, str] | None = None) -> DatasetUri:
     return DatasetUri(scheme, hostname, port or default_port, "/" + "/".join(clean), merged)
 
 
-def _build_filesystem(u: DatasetUri) -> tuple[pafs.FileSystem, Any]:
+def _build_filesystem(u: DatasetUri) -> tuple[pafs.FileSystem | JailedLocalFs, Any]:
     """The pyarrow filesystem for `u` (+ the fsspec object to close, if any)."""
     opts = _typed_options(u.scheme, u.options)
     try:
         if u.scheme == "file":
-            return pafs.LocalFileSystem(), None
+            return JailedLocalFs(u.root), None
         if u.scheme == "s3":
             # Small timeouts and few SDK retries: an unreachable endpoint must fail in seconds
             # (our own retries sit on top). request_timeout only works on macOS/Windows builds;
@@ -202,96 +207,6 @@ class _WebHdfsHandler(pafs.FSSpecHandler):
         return pafs.FSSpecHandler._create_file_info(path, info)
 
 
-# --- error mapping -------------------------------------------------------------------------
-# pyarrow reports most remote failures as plain OSError, so the message decides the kind.
-_DENIED = re.compile(
-    r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY|SIGNATURE_DOES_NOT_MATCH|"
-    r"HTTP status 40[13]|Forbidden"
-)
-_MISSING = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|NO_SUCH_KEY|HTTP status 404")
-_UNREACHABLE = re.compile(
-    r"NETWORK_CONNECTION|Could not connect|Connection refused|Connection reset|Broken pipe|"
-    r"timed out|Timeout was reached|Max retries exceeded|Could not resolve|"
-    r"Name or service not known|Temporary failure in name resolution",
-    re.I,
-)
-_BUSY = re.compile(
-    r"SLOW_DOWN|SlowDown|THROTTLING|Throttl|TooManyRequests|REQUEST_TIMEOUT|RequestTimeout|"
-    r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|HTTP status 5\d\d"
-)
-
-
-def _kind(exc: BaseException) -> type[errors.CacheFsError]:
-    """Which cachefs error `exc` is; the retry policy and `_translate` both follow it."""
-    if isinstance(exc, errors.CacheFsError):
-        return type(exc)
-    for os_type, kind in (
-        (FileNotFoundError, errors.NotFound),
-        (NotADirectoryError, errors.NotADirectory),
-        (IsADirectoryError, errors.IsADirectory),
-        (PermissionError, errors.PermissionDenied),
-        (ConnectionError, errors.Unavailable),
-        (TimeoutError, errors.Unavailable),
-    ):
-        if isinstance(exc, os_type):
-            return kind
-    if isinstance(exc, OSError):
-        msg = str(exc)
-        if _DENIED.search(msg):
-            return errors.PermissionDenied
-        if _MISSING.search(msg):
-            return errors.NotFound
-        if _UNREACHABLE.search(msg) or _BUSY.search(msg):
-            return errors.Unavailable
-        if "is a directory" in msg:  # LocalFileSystem.open_input_file on a dir
-            return errors.IsADirectory
-    return errors.CacheFsError
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return _kind(exc).transient
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    text = " ".join(lines[0].split()) if lines else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _endpoint(u: DatasetUri) -> str:
-    if u.scheme == "s3":
-        return f"S3 endpoint {u.options.get('endpoint_override') or 'AWS'}"
-    if u.scheme == "file":
-        return "local filesystem"
-    if not u.host:
-        return "the default HDFS namenode"
-    return f"{'HDFS namenode' if u.scheme == 'hdfs' else 'WebHDFS'} {u.host}:{u.port}"
-
-
-_TEMPLATES: dict[type[errors.CacheFsError], str] = {
-    errors.NotFound: "remote path {where} does not exist",
-    errors.NotADirectory: "remote path {where}: not a directory",
-    errors.IsADirectory: "remote path {where} is a directory",
-    errors.PermissionDenied: "permission denied for remote path {where}: {detail}",
-}
-
-
-def _translate(exc: BaseException, uri: DatasetUri, path: str) -> errors.CacheFsError:
-    """Map a pyarrow/fsspec/OS exception to a cachefs error naming the remote path."""
-    if isinstance(exc, errors.CacheFsError):
-        return exc
-    kind = _kind(exc)
-    template = _TEMPLATES.get(kind, "remote path {where}: {detail}")
-    if kind is errors.Unavailable:
-        reach = isinstance(exc, ConnectionError | TimeoutError) or _UNREACHABLE.search(str(exc))
-        verb = "cannot reach" if reach else "transient failure from"
-        template = verb + " {endpoint} for {where}: {detail}"
-    message = template.format(
-        where=uri.display(path), detail=_one_line(exc), endpoint=_endpoint(uri)
-    )
-    return kind(message)
-
-
 def _clean_rel(path: str) -> str:
     """A caller's path relative to the root, normalised; no way to step outside the root."""
     parts = None if path.startswith("/") or "\0" in path else _clean_parts(path)
@@ -300,65 +215,6 @@ def _clean_rel(path: str) -> str:
             f"invalid remote path {path!r}: must be relative to the dataset root, without '..'"
         )
     return "/".join(parts)
-
-
-class _LocalWalk:
-    """Depth-first os.scandir walk that hands out bounded batches; each call runs in a thread.
-
-    Symlinks to files count as those files; symlinks to dirs (loops, escapes from the root),
-    broken links and special files are skipped.
-    """
-
-    def __init__(self, root: str):
-        self._root = root
-        self._stack: list[tuple[str, Iterator[os.DirEntry[str]]]] | None = None
-        # An abandoned (timed-out) thread may still be walking when the generator closes;
-        # closing a scandir iterator under it would be a use-after-free, so it closes last.
-        self._lock = threading.Lock()
-        self._closing = False
-
-    def next_batch(self, n: int) -> list[RemoteEntry]:
-        with self._lock:
-            try:
-                return self._next_batch(n)
-            finally:
-                if self._closing:
-                    self._close_all()
-
-    def _next_batch(self, n: int) -> list[RemoteEntry]:
-        if self._stack is None:
-            self._stack = [("", os.scandir(self._root))]
-        out: list[RemoteEntry] = []
-        while self._stack and len(out) < n:
-            prefix, it = self._stack[-1]
-            de = next(it, None)
-            if de is None:
-                self._stack.pop()[1].close()  # type: ignore[attr-defined]
-                continue
-            rel = prefix + de.name
-            try:
-                if de.is_dir(follow_symlinks=False):
-                    st = de.stat(follow_symlinks=False)
-                    out.append(RemoteEntry(rel, True, 0, st.st_mtime_ns))
-                    self._stack.append((rel + "/", os.scandir(de.path)))
-                elif de.is_file():
-                    st = de.stat()
-                    out.append(RemoteEntry(rel, False, st.st_size, st.st_mtime_ns))
-            except FileNotFoundError:
-                continue  # removed while we walk, or a link that broke meanwhile
-        return out
-
-    def close(self) -> None:
-        self._closing = True
-        if self._lock.acquire(blocking=False):  # never block the event loop on a hung thread
-            try:
-                self._close_all()
-            finally:
-                self._lock.release()
-
-    def _close_all(self) -> None:
-        while self._stack:
-            self._stack.pop()[1].close()  # type: ignore[attr-defined]
 
 
 class RemoteStore:
@@ -427,22 +283,29 @@ class RemoteStore:
 
     # Blocking helpers: they run in threads and look up self._fs at call time.
     def _full(self, rel: str) -> str:
+        if self._u.scheme == "file":
+            return rel  # JailedLocalFs resolves paths beneath the root itself
         return f"{self._u.root.rstrip('/')}/{rel}" if rel else self._u.root
 
-    def _entry(self, info: pafs.FileInfo, rel: str) -> RemoteEntry | None:
+    def _entry(self, info: pafs.FileInfo | LocalInfo, rel: str) -> RemoteEntry | None:
         mtime = info.mtime_ns or 0
+        owner = (info.mode, info.uid, info.gid) if isinstance(info, LocalInfo) else ()
         if self._u.scheme == "s3":
             # Listings carry milliseconds, HEAD only seconds: keep one resolution so a file's
             # cache key is the same whichever call produced it.
             mtime -= mtime % 1_000_000_000
         if info.type == pafs.FileType.Directory:
-            return RemoteEntry(rel, True, 0, mtime)
+            return RemoteEntry(rel, True, 0, mtime, None, *owner)
         if info.type == pafs.FileType.File:
-            return RemoteEntry(rel, False, info.size or 0, mtime)
+            return RemoteEntry(rel, False, info.size or 0, mtime, None, *owner)
         return None  # missing, or something that is neither file nor dir
 
     def _stat_sync(self, rel: str) -> RemoteEntry | None:
         return self._entry(self._fs.get_file_info(self._full(rel)), rel)
+
+    def _walk_sync(self, walk: LocalWalk, n: int) -> list[RemoteEntry]:
+        # The walk returns only files and directories, so no entry is None.
+        return [e for rel, info in walk.next_batch(n) if (e := self._entry(info, rel))]
 
     def _list_sync(self, rel: str) -> list[RemoteEntry]:
         prefix, seen, out = f"{rel}/" if rel else "", set(), []
@@ -550,12 +413,12 @@ class RemoteStore:
         if batch_size < 1:
             raise errors.InvalidArgument(f"batch_size must be positive, not {batch_size}")
         if self._u.scheme == "file":
-            walk = _LocalWalk(self._u.root)
+            walk = LocalWalk(self._u.root)
             try:
                 # No retries: a failed step may have consumed entries, so repeating it would
                 # silently skip them.
                 while batch := await self._run(
-                    "list", "", walk.next_batch, batch_size, retry=False
+                    "list", "", self._walk_sync, walk, batch_size, retry=False
                 ):
                     yield batch
             finally:

@@ -24,6 +24,7 @@ from cachefs.meta import Attr
 
 log = logging.getLogger("cachefs.fuse")
 
+# Stores without permission bits (S3, HDFS, ...): readable by all, owned by the mount's user.
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 
@@ -104,9 +105,17 @@ class CacheFsOperations(pyfuse3.Operations):
         entry.generation = 0
         entry.entry_timeout = self.entry_timeout
         entry.attr_timeout = self.attr_timeout
-        entry.st_mode = DIR_MODE if attr.is_dir else FILE_MODE
+        if attr.mode is None:
+            entry.st_mode = DIR_MODE if attr.is_dir else FILE_MODE
+            entry.st_uid, entry.st_gid = self._uid, self._gid
+        else:
+            # The source's bits, enforced by the kernel (default_permissions); never setuid,
+            # setgid or sticky: a remote file must not grant privileges on this host.
+            kind = stat.S_IFDIR if attr.is_dir else stat.S_IFREG
+            entry.st_mode = kind | (attr.mode & 0o777)
+            entry.st_uid = self._uid if attr.uid is None else attr.uid
+            entry.st_gid = self._gid if attr.gid is None else attr.gid
         entry.st_nlink = 2 if attr.is_dir else 1
-        entry.st_uid, entry.st_gid = self._uid, self._gid
         entry.st_rdev = 0
         entry.st_size = attr.size
         entry.st_blksize = 1 << 20

@@ -6,7 +6,8 @@ master page cache, not heap, and a restarted master finds the same inode ids.
 Sub-databases and their keys (integers big-endian, so lmdb's byte order is numeric order):
 
     datasets  name (utf-8)                   -> msgpack dict (id, uri, options, root, counters)
-    entries   ds_id u32 | parent u64 | name  -> msgpack [ino, kind, size, mtime, version, etag, gen]
+    entries   ds_id u32 | parent u64 | name  -> msgpack [ino, kind, size, mtime, version, etag, gen,
+              mode, uid, gid] (the last three: file:// only, absent in records of older versions)
     inodes    ino u64                        -> ds_id u32 | parent u64 | name
     meta      next_ino, next_ds, epoch       -> u64
     jobs      job id u64                     -> msgpack dict (see master/jobs.py)
@@ -58,7 +59,12 @@ def _unpack(raw) -> object:
 
 
 def _attr(record: list) -> Attr:
-    return Attr(*record[:6])
+    return Attr(*record[:6], *record[7:10])
+
+
+def _owner(record: list) -> tuple:
+    """(mode, uid, gid) of a record; Nones for records written before they were kept."""
+    return tuple(record[7:10]) + (None,) * (10 - max(7, len(record)))
 
 
 def restore_backup(backup: str | Path, state_dir: str | Path) -> None:
@@ -387,9 +393,11 @@ class Sync:
     """One incremental sync of a dataset: feed it the remote listing in batches, then finish.
 
     Mark and sweep: every entry seen is written with this sync's generation; `finish` deletes
-    what still carries an older one. An unchanged entry keeps its inode; a changed size, mtime
-    or etag makes a new version with a new inode (like a replace by rename). Re-syncs log what
-    they added, changed and removed, so mounts can invalidate exactly that.
+    what still carries an older one. An unchanged entry keeps its inode; a changed size, mtime,
+    etag, mode or owner makes a new version with a new inode (like a replace by rename); a
+    directory whose mode or owner changed keeps its inode (its children hang off it) and is
+    logged as changed. Re-syncs log what they added, changed and removed, so mounts can
+    invalidate exactly that.
     """
 
     store: MetadataStore
@@ -431,15 +439,22 @@ class Sync:
         old = _unpack(raw) if raw else None
         mtime = entry.mtime_ns if entry else (old[3] if old else 0)
         etag = entry.etag if entry else None
+        # An implicit directory (no entry) keeps what a listing told before.
+        owner = (entry.mode, entry.uid, entry.gid) if entry else _owner(old or [])
         is_file = kind == KIND_FILE
         if old is not None and old[1] == kind:
             ino, version = old[0], old[4]
+            same = (old[2], old[3], old[5], *_owner(old)) == (size, mtime, etag, *owner)
             if old[6] == self.generation:  # already seen in this sync (implicit dir, then listed)
-                if entry is None or (old[2], old[3], old[5]) == (size, mtime, etag):
+                if entry is None or same:
                     return ino
-            elif (old[2], old[3], old[5]) != (size, mtime, etag) and is_file:
+            elif not is_file and _owner(old) != owner:
+                # Permissions are part of what clients cached: make them look the entry up again.
+                self._log_change(txn, parent, name, ino)
+            elif not same and is_file:
                 # A new version is a new inode, as if the file had been replaced by rename:
-                # the kernel's page cache of the old inode stays with handles opened before.
+                # the kernel's page cache of the old inode stays with handles opened before;
+                # a mode or owner change too, so no client keeps enforcing the old bits.
                 self._log_change(txn, parent, name, ino)
                 txn.delete(_U64.pack(ino), db=store._inodes)
                 ino, version = store._next(txn, b"next_ino", _FIRST_INO), version + 1
@@ -462,9 +477,10 @@ class Sync:
                 self.report.bytes += size
             else:
                 self.report.dirs += 1
-        txn.put(
-            key, _pack([ino, kind, size, mtime, version, etag, self.generation]), db=store._entries
-        )
+        record = [ino, kind, size, mtime, version, etag, self.generation]
+        if owner != (None, None, None):
+            record += owner
+        txn.put(key, _pack(record), db=store._entries)
         return ino
 
     def _log_change(self, txn, parent: int, name: str, ino: int) -> None:
