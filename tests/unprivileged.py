@@ -19,6 +19,7 @@ NOBODY = pwd.getpwnam("nobody")
 
 _PRELUDE = """
 import json, os, sys
+import encodings.idna, encodings.ascii, encodings.latin_1  # looked up lazily by getaddrinfo
 import trio, tqdm, yaml
 import cachefs.cli, cachefs.rpc
 from cachefs.master import service as _master
