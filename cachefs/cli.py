@@ -622,7 +622,8 @@ def affinity(name, k8s, master, secret_file) -> None:
 @_errors_to_exit
 def console_url(master, secret_file) -> None:
     """Print the web console's login URL (it carries the console token: keep it private)."""
-    click.echo(_call_master(master, secret_file, "console_url"))
+    host = master_address(master)[0]  # how we reach the master: its console is there too
+    click.echo(_call_master(master, secret_file, "console_url", host=host))
 
 
 @main.command()

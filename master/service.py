@@ -286,11 +286,14 @@ class MasterService:
             for host, cached in ranked
         ]
 
-    async def rpc_console_url(self) -> str:
-        """The console's login URL (it carries the console token: authenticated callers only)."""
+    async def rpc_console_url(self, host: str | None = None) -> str:
+        """The console's login URL (it carries the console token: authenticated callers only).
+
+        `host`: how the caller reaches this master, used when the console listens on 0.0.0.0.
+        """
         if self.console is None:
             raise NotFound("this master serves no console (start it with --http HOST:PORT)")
-        return self.console.login_url()
+        return self.console.login_url(host)
 
     # ---- load jobs ------------------------------------------------------------------------
 

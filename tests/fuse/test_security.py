@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -111,7 +113,10 @@ def test_credentials_are_never_shown(tmp_path, moto_server):
     key_id, secret = "AKIDSHOWNOWHERE0001", "s3cr3t-never-printed-0123456789"
     bucket = moto_server.create_bucket()
     moto_server.upload(bucket, {"p/a.bin": b"x" * 100})
-    master = master_process(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http = f"127.0.0.1:{probe.getsockname()[1]}"
+    master = master_process(tmp_path, "--http", http)
     address = master.start()
     worker = worker_process(tmp_path, address, "w1", "64M")
     outputs = []
@@ -139,6 +144,15 @@ def test_credentials_are_never_shown(tmp_path, moto_server):
         loaded = run_cli("load", "e", "--check", "--master", address)
         assert "1/1 files cached" in run_cli("load", "d", "--check", "--master", address).stdout
         outputs += [loaded.stdout, loaded.stderr]
+        token = (tmp_path / "master-state" / "console-token").read_text().strip()
+        for route in ("/api/status", "/api/datasets"):
+            request = urllib.request.Request(
+                f"http://{http}{route}", headers={"Authorization": f"Bearer {token}"}
+            )
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                body = reply.read().decode()
+            assert '"***"' in body
+            outputs.append(body)
     finally:
         worker.stop()
         master.stop()
