@@ -36,6 +36,7 @@ import msgpack
 
 from cachefs.errors import AlreadyExists, InvalidArgument, NotADirectory, NotFound
 from cachefs.meta import KIND_DIR, KIND_FILE, Attr
+from cachefs.runtime import open_private, private_dir, private_lmdb
 from cachefs.ufs import RemoteEntry
 
 _U32 = struct.Struct(">I")
@@ -72,9 +73,11 @@ def restore_backup(backup: str | Path, state_dir: str | Path) -> None:
     target = Path(state_dir) / "meta.lmdb"
     if target.exists():
         raise AlreadyExists(f"{state_dir} already holds master state; restore into a new one")
-    target.mkdir(parents=True, mode=0o700)
+    private_dir(target)
     shutil.copyfile(backup, target / "data.mdb")
-    with lmdb.open(str(target), readonly=True, max_dbs=8) as env, env.begin() as txn:
+    os.chmod(target / "data.mdb", 0o600)
+    env = lmdb.open(private_lmdb(target), readonly=True, max_dbs=8, mode=0o600)
+    with env, env.begin() as txn:
         if txn.get(b"datasets") is None:  # not a cachefs master store
             shutil.rmtree(target)
             raise InvalidArgument(f"{backup} is not a cachefs master backup")
@@ -100,12 +103,12 @@ class SyncReport:
 
 class MetadataStore:
     def __init__(self, path: str | Path, *, map_size: int = 1 << 36):
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = private_dir(Path(path))  # it holds dataset credentials: 0700, files 0600
         # map_size is address space, not memory: lmdb grows the file as data arrives.
         self.env = lmdb.open(
-            str(path / "meta.lmdb"), map_size=map_size, max_dbs=8, readahead=False, metasync=False
-        )
+            private_lmdb(path / "meta.lmdb"), map_size=map_size, max_dbs=8, readahead=False,
+            metasync=False, mode=0o600,
+        )  # fmt: skip
         self._datasets = self.env.open_db(b"datasets")
         self._entries = self.env.open_db(b"entries")
         self._inodes = self.env.open_db(b"inodes")
@@ -123,7 +126,7 @@ class MetadataStore:
     def backup(self, path: str) -> int:
         """A consistent, compacted copy of the whole store to one file (safe while serving)."""
         tmp = f"{path}.partial"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = open_private(Path(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             self.env.copyfd(fd, compact=True)
         finally:
