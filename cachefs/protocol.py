@@ -1,6 +1,7 @@
 """The cachefs wire format: length-prefixed frames of a msgpack header map plus raw bytes.
 
-Pure functions and a decoder object, no I/O (`cachefs.rpc` moves the frames).
+Pure functions and a decoder object, no I/O (`cachefs.rpc` moves the frames, over TCP or, with
+`cachefs.tls`, inside TLS: the handshake below then runs inside TLS too).
 
 A frame is ``struct ">II"`` (header_len, payload_len), then ``header_len`` bytes of a msgpack
 map, then ``payload_len`` raw bytes. Bulk data rides in the payload so it is never copied
@@ -28,7 +29,7 @@ import hashlib
 import hmac
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -41,6 +42,8 @@ MAX_FRAME = (64 << 20) + (1 << 20)
 MAX_ERROR_MESSAGE = 8192
 #: Payloads below this are joined to their header (one small copy, one send).
 COPY_LIMIT = 64 << 10
+#: Payloads from this size on are received as a list of pieces joined once (FrameDecoder).
+LARGE_PAYLOAD = 256 << 10
 
 _PREFIX = struct.Struct(">II")
 PREFIX_SIZE = _PREFIX.size
@@ -84,21 +87,76 @@ class FrameDecoder:
     Data is buffered eagerly but frames are parsed lazily, so a caller may take one frame and
     leave the rest buffered for the next `feed` (e.g. ``feed(b"")``). Errors raise
     `ProtocolError`; the decoder is unusable afterwards.
+
+    A payload of `large` bytes or more that arrives in pieces is collected as a list of the
+    pieces and joined once: growing one buffer would copy it again at every reallocation
+    (dozens of times for a 1 MiB payload arriving as 16 KiB TLS records).
     """
 
-    def __init__(self, max_frame: int = MAX_FRAME, max_header: int = MAX_HEADER):
+    def __init__(
+        self,
+        max_frame: int = MAX_FRAME,
+        max_header: int = MAX_HEADER,
+        admit: Callable[[int], None] | None = None,
+        large: int = LARGE_PAYLOAD,
+    ):
         self.max_frame = max_frame
         self.max_header = max_header
+        #: Called once per frame with its total size as soon as its lengths are known, before
+        #: its body is buffered; it may raise to refuse the frame (e.g. a memory budget).
+        self.admit = admit
+        self.large = large
         self._buf = bytearray()
         self._pos = 0  # consumed prefix of _buf; compacted once per drain, not per frame
+        self._admitted = False  # the frame starting at _pos has passed `admit`
+        # A large payload being collected (its frame's header already decoded):
+        self._big: dict[str, Any] | None = None
+        self._chunks: list[Buffer] = []
+        self._got = 0  # bytes of that frame received so far
+        self._missing = 0  # payload bytes still to come
 
     def feed(self, data: Buffer) -> Iterator[Frame]:
+        if self._missing and data:
+            data = self._collect(data)
         if data:
             self._buf += data
         return self._frames()
 
+    def _collect(self, data: Buffer) -> Buffer:
+        """Take the large payload's share of `data`; return what belongs to later frames."""
+        n = min(len(data), self._missing)
+        if n == len(data):
+            piece, rest = data, b""
+        else:
+            with memoryview(data) as view:
+                piece, rest = bytes(view[:n]), bytes(view[n:])
+        self._chunks.append(piece if type(piece) is bytes else bytes(piece))
+        self._got += n
+        self._missing -= n
+        return rest
+
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos + (self._got if self._big is not None else 0)
+
+    def head(self, n: int) -> bytes:
+        """The first `n` unconsumed bytes (to recognise what a confused peer is speaking)."""
+        return bytes(self._buf[self._pos : self._pos + n])
+
+    def close(self) -> None:
+        """Free the buffers now: a dead connection's decoder may live on in a traceback."""
+        try:
+            self._buf.clear()
+        except BufferError:  # a view is still exported; dropping our reference is all we can do
+            pass
+        self._buf = bytearray()
+        self._pos = 0
+        self._big, self._chunks, self._got, self._missing = None, [], 0, 0
+
     def wanted(self) -> int:
         """Bytes still missing for the frame being received (0 if unknown)."""
+        if self._big is not None:
+            return self._missing
         buf, pos = self._buf, self._pos
         if len(buf) - pos < PREFIX_SIZE:
             return 0
@@ -106,6 +164,12 @@ class FrameDecoder:
         return max(0, pos + PREFIX_SIZE + hlen + plen - len(buf))
 
     def _frames(self) -> Iterator[Frame]:
+        if self._big is not None:
+            if self._missing:
+                return
+            frame = self._big, b"".join(self._chunks)
+            self._big, self._chunks, self._got = None, [], 0
+            yield frame
         buf = self._buf
         while len(buf) - self._pos >= PREFIX_SIZE:
             pos = self._pos
@@ -115,9 +179,14 @@ class FrameDecoder:
                     f"bad frame size: header {hlen} + payload {plen} bytes "
                     f"(caps {self.max_header} / {self.max_frame})"
                 )
+            if not self._admitted and self.admit is not None:
+                self.admit(PREFIX_SIZE + hlen + plen)
+                self._admitted = True
             start = pos + PREFIX_SIZE
             end = start + hlen + plen
             if len(buf) < end:
+                if plen >= self.large and len(buf) >= start + hlen:
+                    self._start_big(buf, start, hlen, end)
                 break
             header = _unpack_header(buf[start : start + hlen])
             if plen:
@@ -126,10 +195,21 @@ class FrameDecoder:
             else:
                 payload = b""
             self._pos = end  # consume before yielding: the caller may stop here
+            self._admitted = False
             yield header, payload
         if self._pos:
             del buf[: self._pos]
             self._pos = 0
+
+    def _start_big(self, buf: bytearray, start: int, hlen: int, end: int) -> None:
+        """Move the incomplete large frame out of `buf` into the chunk list."""
+        self._big = _unpack_header(buf[start : start + hlen])
+        with memoryview(buf) as view:
+            self._chunks = [bytes(view[start + hlen :])]
+        self._got = len(buf) - start + PREFIX_SIZE
+        self._missing = end - len(buf)
+        self._pos = len(buf)  # consumed: the frame lives in the chunks now
+        self._admitted = False
 
 
 def _unpack_header(data: bytearray) -> dict[str, Any]:

@@ -1,27 +1,21 @@
 """Multiplexed request/reply RPC over TCP (trio), speaking `cachefs.protocol` frames.
 
-One connection carries many concurrent calls, matched by request id. On each connection a
-single writer task owns the socket's send side: callers only queue frames, so a caller that is
-cancelled mid-call can never leave half a frame on the wire, and frames queued by many tasks go
-out in one ``send_all``.
+One connection carries many concurrent calls, matched by request id (`cachefs.rpc_link` has
+the connection machinery both sides share). Optionally the byte stream runs inside TLS
+(`cachefs.tls`); the shared-secret handshake then runs inside TLS too.
 
-Server: `RpcServer(handler)` exposes the handler's ``async def rpc_<method>(self, **args)``
-methods; a handler returns a plain value, or `Reply(value, payload)` to attach bulk bytes.
+Server: `RpcServer` (in `cachefs.rpc_server`, re-exported here) exposes a handler's
+``async def rpc_<method>(self, **args)`` methods within `ServerLimits`.
 Client: `RpcClient(address)` used as ``async with``; `call` returns the result or raises the
 `CacheFsError` subclass the server raised. Up to `pool_size` connections are opened lazily and
 calls go to the least loaded one; a broken connection fails its calls with `Unavailable` and
 leaves the pool, so the next call reconnects (a restarted peer is reachable again). A call
-whose pooled connection turns out dead is retried once on a fresh one: cachefs RPCs are
-idempotent reads.
+whose pooled connection turns out dead (the peer restarted, or closed it for idleness) is
+retried once on a fresh one: cachefs RPCs are idempotent reads.
 """
 
 from __future__ import annotations
 
-import errno as _errno
-import inspect
-import logging
-import math
-import os
 from typing import Any
 
 import trio
@@ -29,46 +23,31 @@ import trio
 from cachefs import errors
 from cachefs.config import parse_address
 from cachefs.protocol import (
-    COPY_LIMIT,
     MAX_FRAME,
     Buffer,
     FrameDecoder,
     auth_message,
-    challenge_message,
-    check_auth,
     check_auth_reply,
     check_challenge,
-    check_hello,
     encode_frame,
     error_from_message,
-    error_message,
     hello_message,
-    new_nonce,
 )
+from cachefs.rpc_limits import ServerLimits
+from cachefs.rpc_link import (
+    Link,
+    LinkLost,
+    PeerClosed,
+    Reply,
+    peer_label,
+    reason_of,
+    recv_frame,
+    send_now,
+)
+from cachefs.rpc_server import RpcServer
+from cachefs.tls import TlsConfig, handshake_error, ssl_error_in
 
-log = logging.getLogger("cachefs.rpc")
-
-RECV_SIZE = 64 << 10
-MAX_RECV_SIZE = 1 << 20
-#: Bytes queued but not yet taken by the writer before senders wait (backpressure).
-OUTBOX_LIMIT = 8 << 20
-#: Frames before authentication are tiny; don't let strangers make us buffer megabytes.
-HANDSHAKE_MAX_FRAME = 64 << 10
-HANDSHAKE_TIMEOUT = 10.0
-MAX_IN_FLIGHT = 256
-
-
-class Reply:
-    """A handler result with bulk bytes attached (sent raw after the header).
-
-    The payload must stay unchanged until it is sent: pass bytes unless the memory is stable.
-    """
-
-    __slots__ = ("value", "payload")
-
-    def __init__(self, value: Any, payload: Buffer = b""):
-        self.value = value
-        self.payload = payload
+__all__ = ["LocalClient", "Reply", "RpcClient", "RpcServer", "ServerLimits", "TlsConfig"]
 
 
 class LocalClient:
@@ -118,332 +97,6 @@ class LocalClient:
         return result, b""
 
 
-class _PeerClosed(Exception):
-    pass
-
-
-class _LinkLost(Exception):
-    """Internal: the connection died under a call (carries the error for the caller)."""
-
-    def __init__(self, error: errors.CacheFsError):
-        self.error = error
-
-
-def _label(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _reason(exc: BaseException) -> str:
-    """A short human reason for a network failure."""
-    if isinstance(exc, errors.CacheFsError):
-        return exc.message
-    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    cause = exc.__cause__
-    if isinstance(exc, OSError) and isinstance(cause, BaseExceptionGroup):
-        # open_tcp_stream: "all attempts failed" wrapping one error per address tried
-        leaves = [_reason(e) for e in cause.exceptions]
-        return ", ".join(dict.fromkeys(leaves))
-    if isinstance(exc, OSError) and exc.errno is not None:
-        # os.strerror drops trio's "Error connecting to (...)" prefix; gaierror has its own text
-        text = os.strerror(exc.errno) if exc.errno > 0 else exc.strerror or str(exc)
-        return text.lower()
-    return str(exc) or type(exc).__name__
-
-
-def _coalesce(bufs: list[Buffer]):
-    """Join runs of small buffers (cheap copies, fewer syscalls); pass large ones through."""
-    small: list[Buffer] = []
-    for b in bufs:
-        if len(b) < COPY_LIMIT:
-            small.append(b)
-            continue
-        if small:
-            yield b"".join(small)
-            small = []
-        yield b
-    if small:
-        yield b"".join(small)
-
-
-async def _recv_frame(stream: trio.SocketStream, decoder: FrameDecoder):
-    """Read exactly one frame (handshake only; later frames stay buffered in the decoder)."""
-    frame = next(decoder.feed(b""), None)
-    while frame is None:
-        data = await stream.receive_some(RECV_SIZE)
-        if not data:
-            raise _PeerClosed("connection closed during handshake")
-        frame = next(decoder.feed(data), None)
-    return frame[0]
-
-
-async def _send_now(stream: trio.SocketStream, header: dict[str, Any]) -> None:
-    await stream.send_all(b"".join(encode_frame(header)))
-
-
-class _Link:
-    """A framed connection: a writer task drains the outbox, a reader task consumes frames."""
-
-    def __init__(self, stream: trio.SocketStream, decoder: FrameDecoder, label: str):
-        self.stream = stream
-        self.decoder = decoder
-        self.label = label
-        self.failure: BaseException | None = None  # first thing that killed the link
-        self.dead = False
-        self._out: list[Buffer] = []
-        self._out_bytes = 0
-        self._out_ready = trio.Event()
-        self._out_space = trio.Event()
-        self._idle = trio.Event()  # set when nothing is queued or being written
-        self._idle.set()
-
-    async def send(self, bufs: list[Buffer]) -> None:
-        """Queue a frame; returns once queued (waits only when the outbox is over its limit)."""
-        while self._out_bytes >= OUTBOX_LIMIT and not self.dead:
-            await self._out_space.wait()
-        if self.dead:
-            raise _LinkLost(errors.Unavailable(f"connection to {self.label} is closed"))
-        self._out.extend(bufs)
-        for b in bufs:
-            self._out_bytes += len(b)
-        if self._idle.is_set():
-            self._idle = trio.Event()
-        self._out_ready.set()
-
-    async def drain(self) -> None:
-        await self._idle.wait()
-
-    async def run(self) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._guard, self._write_loop, nursery)
-                nursery.start_soon(self._guard, self._read_loop, nursery)
-        finally:
-            self.dead = True
-            self._out_space.set()
-            self._idle.set()
-            self._on_dead()
-            await trio.aclose_forcefully(self.stream)
-
-    async def _guard(self, loop, nursery: trio.Nursery) -> None:
-        try:
-            await loop(nursery)
-        except Exception as e:
-            if self.failure is None:
-                self.failure = e
-        finally:
-            nursery.cancel_scope.cancel()  # either loop ending ends the link
-
-    async def _write_loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            if not self._out:
-                self._idle.set()
-                self._out_ready = trio.Event()
-                await self._out_ready.wait()
-                continue
-            bufs, self._out, self._out_bytes = self._out, [], 0
-            self._out_space.set()
-            self._out_space = trio.Event()
-            for chunk in _coalesce(bufs):
-                await self.stream.send_all(chunk)
-
-    async def _receive(self) -> bytes:
-        want = min(max(RECV_SIZE, self.decoder.wanted()), MAX_RECV_SIZE)
-        data = await self.stream.receive_some(want)
-        if not data:
-            raise _PeerClosed("closed by peer")
-        return data
-
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
-        raise NotImplementedError
-
-    def _on_dead(self) -> None:
-        pass
-
-
-# -- server -----------------------------------------------------------------------------------
-
-
-class RpcServer:
-    """Serves a handler object's ``rpc_*`` coroutine methods to authenticated peers."""
-
-    def __init__(
-        self,
-        handler: object,
-        *,
-        secret: bytes | None = None,
-        max_frame: int = MAX_FRAME,
-        name: str = "rpc",
-        max_in_flight: int = MAX_IN_FLIGHT,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
-    ):
-        self.secret = secret
-        self.max_frame = max_frame
-        self.name = name
-        self.max_in_flight = max_in_flight
-        self.handshake_timeout = handshake_timeout
-        self._methods: dict[str, Any] = {}
-        for attr in dir(handler):
-            if attr.startswith("rpc_"):
-                fn = getattr(handler, attr)
-                if not inspect.iscoroutinefunction(fn):
-                    raise TypeError(f"{type(handler).__name__}.{attr} must be 'async def'")
-                self._methods[attr[4:]] = fn
-
-    async def serve(
-        self, host: str, port: int, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Listen on host:port (0 picks a port); report ``(host, port)`` once ready."""
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
-        await self.serve_listeners(listeners, task_status=task_status)
-
-    async def serve_listeners(
-        self, listeners: list, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
-            host, port = listeners[0].socket.getsockname()[:2]
-            log.info("%s listening on %s", self.name, _label(host, port))
-            task_status.started((host, port))
-
-    async def _handle_connection(self, stream: trio.SocketStream) -> None:
-        try:
-            peer = _label(*stream.socket.getpeername()[:2])
-        except OSError:
-            peer = "?"
-        try:
-            decoder = FrameDecoder(HANDSHAKE_MAX_FRAME)
-            try:
-                with trio.fail_after(self.handshake_timeout):
-                    await self._handshake(stream, decoder)
-            except trio.TooSlowError:
-                log.debug("%s: no handshake from %s, closing", self.name, peer)
-                return
-            except errors.CacheFsError as e:
-                log.warning("%s: rejected %s: %s", self.name, peer, e.message)
-                with trio.move_on_after(1.0):
-                    await _send_now(stream, error_message(e))
-                return
-            decoder.max_frame = self.max_frame
-            conn = _ServerConn(self, stream, decoder, peer)
-            await conn.run()
-            if isinstance(conn.failure, errors.CacheFsError):
-                log.warning(
-                    "%s: closed connection from %s: %s", self.name, peer, _reason(conn.failure)
-                )
-            elif conn.failure is not None:
-                log.debug(
-                    "%s: connection from %s ended: %s", self.name, peer, _reason(conn.failure)
-                )
-        except (_PeerClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.debug("%s: connection from %s ended: %s", self.name, peer, _reason(e))
-        except Exception:  # a bug here must not take the whole server down
-            log.exception("%s: connection from %s crashed", self.name, peer)
-
-    async def _handshake(self, stream: trio.SocketStream, decoder: FrameDecoder) -> None:
-        check_hello(await _recv_frame(stream, decoder))
-        nonce = new_nonce(self.secret)
-        await _send_now(stream, challenge_message(nonce))
-        if nonce is not None:
-            check_auth(self.secret, nonce, await _recv_frame(stream, decoder))
-            await _send_now(stream, {"ok": True})
-
-    async def _dispatch(self, header: dict[str, Any], payload: bytes) -> list[Buffer]:
-        """Run one request; return its encoded reply or error frame (never raises Exception)."""
-        rid = header["id"]
-        method = header.get("m")
-        try:
-            value = await self._invoke(method, header, payload)
-        except Exception as e:
-            e = _single(e)
-            if isinstance(e, errors.CacheFsError):
-                return encode_frame(error_message(e, rid))
-            log.error("%s: %s failed", self.name, method, exc_info=e)
-            return _internal_error(rid, f"{type(e).__name__}: {e}")
-        out: Buffer = b""
-        if type(value) is Reply:
-            value, out = value.value, value.payload
-        try:
-            return encode_frame({"id": rid, "r": value}, out, max_frame=self.max_frame)
-        except errors.ProtocolError as e:  # the handler returned something we cannot send
-            log.error("%s: %s returned an unsendable result: %s", self.name, method, e.message)
-            return _internal_error(rid, e.message)
-
-    async def _invoke(self, method: Any, header: dict[str, Any], payload: bytes) -> Any:
-        fn = self._methods.get(method) if isinstance(method, str) else None
-        if fn is None:
-            raise errors.InvalidArgument(f"unknown method {method!r}")
-        args = header.get("a") or {}
-        budget = header.get("t")
-        if not isinstance(args, dict):
-            raise errors.InvalidArgument(f"{method}: arguments must be a map")
-        if budget is not None and (not isinstance(budget, int | float) or math.isnan(budget)):
-            raise errors.InvalidArgument(f"{method}: bad time budget {budget!r}")
-        if payload:
-            args["payload"] = payload
-        try:
-            coro = fn(**args)  # binding errors surface here, before any handler code runs
-        except TypeError as e:
-            raise errors.InvalidArgument(f"bad arguments for {method!r}: {e}") from None
-        if budget is None:
-            return await coro
-        with trio.move_on_after(max(budget, 0.0)):
-            return await coro
-        raise errors.TimedOut(f"{method} timed out after {budget:.3g}s on {self.name}")
-
-
-def _internal_error(rid: int, detail: str) -> list[Buffer]:
-    error = errors.CacheFsError(f"internal error: {detail}", errno=_errno.EIO)
-    return encode_frame(error_message(error, rid))
-
-
-def _single(e: Exception) -> Exception:
-    """Unwrap a group holding exactly one error (a handler's nursery wraps what it raises)."""
-    while isinstance(e, ExceptionGroup) and len(e.exceptions) == 1:
-        e = e.exceptions[0]
-    return e
-
-
-class _ServerConn(_Link):
-    def __init__(self, server: RpcServer, stream, decoder, label):
-        super().__init__(stream, decoder, label)
-        self.server = server
-        self._slots = trio.Semaphore(server.max_in_flight)
-
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
-        slots = self._slots
-        try:
-            while True:
-                for header, payload in self.decoder.feed(await self._receive()):
-                    if type(header.get("id")) is not int:
-                        raise errors.ProtocolError("request without an integer id")
-                    try:
-                        slots.acquire_nowait()
-                    except trio.WouldBlock:  # in-flight cap: stop reading until a call ends
-                        await slots.acquire()
-                    nursery.start_soon(self._serve, header, payload)
-        except errors.ProtocolError as e:
-            # Say why before hanging up; the peer may be a confused client, not an attacker.
-            with trio.move_on_after(1.0):
-                try:
-                    await self.send(encode_frame(error_message(e)))
-                    await self.drain()
-                except _LinkLost:
-                    pass
-            raise
-
-    async def _serve(self, header: dict[str, Any], payload: bytes) -> None:
-        try:
-            await self.send(await self.server._dispatch(header, payload))
-        except _LinkLost:
-            pass
-        finally:
-            self._slots.release()
-
-
-# -- client -----------------------------------------------------------------------------------
-
-
 class _Waiter:
     __slots__ = ("event", "header", "payload", "error")
 
@@ -454,7 +107,7 @@ class _Waiter:
         self.error: errors.CacheFsError | None = None
 
 
-class _ClientConn(_Link):
+class _ClientConn(Link):
     def __init__(self, client: RpcClient, stream, decoder):
         super().__init__(stream, decoder, f"{client.name} at {client.label}")
         self.client = client
@@ -469,7 +122,7 @@ class _ClientConn(_Link):
 
     async def call(self, method: str, args: dict, payload: Buffer, deadline: float):
         if self.dead:
-            raise _LinkLost(errors.Unavailable(f"connection to {self.label} is closed"))
+            raise LinkLost(errors.Unavailable(f"connection to {self.label} is closed"))
         self._last_id = rid = self._last_id + 1
         header = {"id": rid, "m": method, "a": args, "t": deadline - trio.current_time()}
         try:
@@ -483,7 +136,7 @@ class _ClientConn(_Link):
         finally:
             self.waiters.pop(rid, None)  # on cancellation too; a late reply is then ignored
         if waiter.error is not None:
-            raise _LinkLost(waiter.error)
+            raise LinkLost(waiter.error)
         if "e" in waiter.header:
             raise error_from_message(waiter.header)
         return waiter.header.get("r"), waiter.payload
@@ -504,7 +157,7 @@ class _ClientConn(_Link):
 
     def _on_dead(self) -> None:
         client = self.client
-        reason = _reason(self.failure) if self.failure is not None else "client closed"
+        reason = reason_of(self.failure) if self.failure is not None else "client closed"
         msg = f"connection to {self.label} lost: {reason}"
         for waiter in self.waiters.values():
             waiter.error = errors.Unavailable(msg)
@@ -527,9 +180,11 @@ class RpcClient:
         timeout: float = 30.0,
         max_frame: int = MAX_FRAME,
         name: str = "peer",
+        tls: TlsConfig | None = None,
     ):
         self.host, self.port = parse_address(address)
-        self.label = _label(self.host, self.port)
+        self.tls = tls
+        self.label = peer_label(self.host, self.port)
         self.secret = secret
         self.pool_size = max(1, pool_size)
         self.connect_timeout = connect_timeout
@@ -600,7 +255,7 @@ class RpcClient:
             conn = await self._connection()
             try:
                 return await conn.call(method, args, payload, deadline)
-            except _LinkLost as lost:
+            except LinkLost as lost:
                 if conn.opened_at >= start:
                     raise lost.error from None
             # A pooled connection that was already dead (e.g. the peer restarted): retry once on
@@ -608,7 +263,7 @@ class RpcClient:
             conn = await self._connection()
             try:
                 return await conn.call(method, args, payload, deadline)
-            except _LinkLost as lost:
+            except LinkLost as lost:
                 raise lost.error from None
         raise errors.TimedOut(f"{method} to {self.label} timed out after {timeout:g}s")
 
@@ -653,15 +308,21 @@ class RpcClient:
         try:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(self.host, self.port)  # sets TCP_NODELAY
+                if self.tls is not None:
+                    stream = self.tls.wrap_client(stream, self.host)
+                    await stream.do_handshake()
                 decoder = FrameDecoder(self.max_frame)
                 await self._handshake(stream, decoder)
         except BaseException as e:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
+            ssl_error = ssl_error_in(e) if isinstance(e, Exception) else None
+            if ssl_error is not None:  # a server that rejects our certificate says so only now
+                raise handshake_error(ssl_error, f"{self.name} at {self.label}", self.tls) from None
             if isinstance(e, trio.TooSlowError):
                 reason = f"no answer within {self.connect_timeout:.3g}s"
-            elif isinstance(e, OSError | trio.BrokenResourceError | _PeerClosed):
-                reason = _reason(e)
+            elif isinstance(e, OSError | trio.BrokenResourceError | PeerClosed):
+                reason = reason_of(e)
             elif isinstance(e, errors.CacheFsError):  # refused by the peer: say which peer
                 raise type(e)(f"{self.name} at {self.label}: {e.message}", errno=e.errno) from None
             else:
@@ -674,10 +335,10 @@ class RpcClient:
         self._nursery.start_soon(conn.run)
         return conn
 
-    async def _handshake(self, stream: trio.SocketStream, decoder: FrameDecoder) -> None:
-        await _send_now(stream, hello_message())
+    async def _handshake(self, stream: trio.abc.Stream, decoder: FrameDecoder) -> None:
+        await send_now(stream, hello_message())
         try:
-            challenge = await _recv_frame(stream, decoder)
+            challenge = await recv_frame(stream, decoder)
         except errors.ProtocolError as e:
             raise errors.ProtocolError(f"not a cachefs server ({e.message})") from None
         nonce = check_challenge(challenge)
@@ -685,5 +346,5 @@ class RpcClient:
             return
         if self.secret is None:
             raise errors.AuthenticationFailed("a shared secret is required (--secret-file)")
-        await _send_now(stream, auth_message(self.secret, nonce))
-        check_auth_reply(await _recv_frame(stream, decoder))
+        await send_now(stream, auth_message(self.secret, nonce))
+        check_auth_reply(await recv_frame(stream, decoder))

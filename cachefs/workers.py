@@ -16,6 +16,7 @@ import trio
 from cachefs import placement
 from cachefs.errors import CacheFsError
 from cachefs.rpc import RpcClient
+from cachefs.tls import TlsConfig
 
 log = logging.getLogger("cachefs.workers")
 
@@ -35,11 +36,13 @@ class WorkerDirectory:
         fetch: Callable[[], Awaitable[dict]],
         *,
         secret: bytes | None = None,
+        tls: TlsConfig | None = None,
         refresh: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._fetch = fetch
         self.secret = secret
+        self.tls = tls
         self.refresh = refresh
         self.epoch = -1
         self.workers: dict[str, str] = {}  # id -> address
@@ -102,7 +105,7 @@ class WorkerDirectory:
     async def _hold_client(self, worker_id: str, address: str, *, task_status) -> None:
         with trio.CancelScope() as scope:
             async with RpcClient(
-                address, secret=self.secret, pool_size=2, timeout=WORKER_CALL_TIMEOUT,
+                address, secret=self.secret, tls=self.tls, pool_size=2, timeout=WORKER_CALL_TIMEOUT,
                 name=f"worker {worker_id}",
             ) as client:  # fmt: skip
                 task_status.started((client, scope))

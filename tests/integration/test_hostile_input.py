@@ -5,6 +5,7 @@ The daemons must answer with errors or close that connection, and keep serving e
 
 from __future__ import annotations
 
+import secrets
 import socket
 import struct
 
@@ -15,8 +16,17 @@ from hypothesis import strategies as st
 
 from cachefs.config import parse_address
 from cachefs.errors import InvalidArgument
-from cachefs.protocol import PROTOCOL_VERSION, encode_frame
+from cachefs.protocol import (
+    PROTOCOL_VERSION,
+    auth_message,
+    check_auth_reply,
+    check_challenge,
+    encode_frame,
+)
 from tests.procs import master_process, run_cli, worker_process
+
+#: The daemons require this shared secret, so hostile input arrives after a valid handshake too.
+SECRET = secrets.token_hex(16).encode()
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +36,18 @@ def daemons(tmp_path_factory):
     source.mkdir()
     (source / "ok.bin").write_bytes(b"fine" * 100)
     (tmp / "secret-outside.bin").write_bytes(b"must never be served")
-    master = master_process(tmp)
+    secret_file = tmp / "secret"
+    secret_file.write_bytes(SECRET)
+    secret_file.chmod(0o600)
+    auth = ("--secret-file", str(secret_file))
+    master = master_process(tmp, *auth)
     master.start()
-    worker = worker_process(tmp, master.address, "w1", "64M")
+    worker = worker_process(tmp, master.address, "w1", "64M", *auth)
     try:
         worker.start()
         assert run_cli("dataset", "add", "ds", source.as_uri(), "--master",
-                       master.address).returncode == 0  # fmt: skip
-        yield {"master": master, "worker": worker}
+                       master.address, *auth).returncode == 0  # fmt: skip
+        yield {"master": master, "worker": worker, "auth": auth}
     finally:
         worker.stop()
         master.stop()
@@ -60,7 +74,10 @@ def exchange(
     with socket.create_connection((host, port), timeout=timeout) as sock:
         if handshake:
             sock.sendall(raw({"hello": "cachefs", "v": PROTOCOL_VERSION}))
-            sock.recv(65536)
+            nonce = check_challenge(_read_frame(sock))
+            if nonce is not None:
+                sock.sendall(raw(auth_message(SECRET, nonce)))
+                check_auth_reply(_read_frame(sock))
         sock.sendall(data)
         if not wait_reply:
             sock.shutdown(socket.SHUT_WR)
@@ -75,9 +92,18 @@ def exchange(
         return received
 
 
+def _read_frame(sock: socket.socket) -> dict:
+    data = b""
+    while not (frames := _frames(data)):
+        chunk = sock.recv(65536)
+        assert chunk, "closed during the handshake"
+        data += chunk
+    return frames[0][0]
+
+
 def still_serving(daemons) -> None:
     """A well-behaved client still gets correct answers from both daemons."""
-    listed = run_cli("dataset", "ls", "--master", daemons["master"].address)
+    listed = run_cli("dataset", "ls", "--master", daemons["master"].address, *daemons["auth"])
     assert listed.returncode == 0 and "ds" in listed.stdout
     assert daemons["master"].proc.poll() is None and daemons["worker"].proc.poll() is None
 
