@@ -29,6 +29,7 @@ from cachefs.config import (
 from cachefs.credentials import SECRET_ENV, client_secret, load_or_create, read_secret
 from cachefs.errors import CacheFsError, InvalidArgument
 from cachefs.rpc import RpcClient
+from cachefs.tls import TlsConfig
 
 #: A sync of millions of remote entries takes minutes; the CLI waits for it.
 LONG_CALL_TIMEOUT = 6 * 3600.0
@@ -90,9 +91,12 @@ def _human_bytes(n: float) -> str:
 def _call_master(master: str | None, secret_file: str | None, method: str, **args):
     address = master_address(master)
     secret = client_secret(secret_file, address)
+    tls = _tls()
 
     async def run():
-        async with RpcClient(address, secret=secret, timeout=LONG_CALL_TIMEOUT) as client:
+        async with RpcClient(
+            address, secret=secret, timeout=LONG_CALL_TIMEOUT, tls=tls, name="master"
+        ) as client:
             return await client.call(method, **args)
 
     return trio.run(run)
@@ -107,13 +111,39 @@ master_option = click.option(
 metrics_option = click.option(
     "--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on this address"
 )
-secret_option = click.option(
+_secret_file_option = click.option(
     "--secret-file",
     envvar=SECRET_ENV,
     type=click.Path(dir_okay=False),
     help="the cluster's shared secret (default $CACHEFS_SECRET_FILE, else the one a master on "
     "this host published for this user)",
 )
+_TLS_FLAGS = {
+    "tls_cert": "this node's TLS certificate (PEM; with --tls-ca: mutual TLS)",
+    "tls_key": "its private key (PEM, unencrypted; default: in the certificate file)",
+    "tls_ca": "the cluster CA that signs every node's certificate",
+}
+
+
+def _remember_tls(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta.setdefault("cachefs.tls", {})[param.name] = value
+
+
+def secret_option(command):
+    """--secret-file and the --tls-* flags: how a command proves itself to the cluster."""
+    for name, text in reversed(_TLS_FLAGS.items()):
+        command = click.option(
+            "--" + name.replace("_", "-"), name, type=click.Path(dir_okay=False),
+            envvar="CACHEFS_" + name.upper(), expose_value=False, callback=_remember_tls,
+            help=text,
+        )(command)  # fmt: skip
+    return _secret_file_option(command)
+
+
+def _tls() -> TlsConfig | None:
+    """The TLS settings of the running command (None: plain TCP)."""
+    files = click.get_current_context().meta.get("cachefs.tls", {})
+    return TlsConfig.from_files(files.get("tls_cert"), files.get("tls_key"), files.get("tls_ca"))
 
 
 async def _serve_until_signal(service, kind: str) -> None:
@@ -206,7 +236,8 @@ def master(ctx, listen, state, restore, secret_file, metrics, http, liveness, in
         secret = load_or_create(private_dir(Path(state)) / "secret")
     address = parse_address(listen)
     service = functools.partial(
-        run_master, address, state, secret=secret, publish_secret=True, liveness=liveness,
+        run_master, address, state, secret=secret, publish_secret=True, tls=_tls(),
+        liveness=liveness,
         http=parse_address(http) if http else None,
     )  # fmt: skip
     trio.run(_serve_until_signal, service, "master")
@@ -270,6 +301,7 @@ def worker(
         advertise=advertise,
         host_id=host_id,
         secret=secret,
+        tls=_tls(),
     )
     try:
         trio.run(_serve_until_signal, service, "worker")
@@ -345,7 +377,7 @@ def mount(
         secret = client_secret(secret_file, master_address(master))
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
-        allow_other=allow_other, secret=secret,
+        allow_other=allow_other, secret=secret, tls=None if embedded else _tls(),
     )  # fmt: skip
     if embedded:
         opts.secret_file = str(secret_path.resolve())
@@ -520,7 +552,7 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
     if no_wait or job["schedule"]:
         click.echo(f"job {job['id']} submitted" + (" (periodic)" if job["schedule"] else ""))
         return
-    job = trio.run(_follow_job, master, secret_file, job["id"])
+    job = trio.run(_follow_job, master, secret_file, job["id"], _tls())
     click.echo(_job_line(job))
     if job["state"] != "done" or job["progress"]["failed_files"]:
         for path, message in job["failures"][:10]:
@@ -528,12 +560,13 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
         sys.exit(1)
 
 
-async def _follow_job(master, secret_file, job_id) -> dict:
+async def _follow_job(master, secret_file, job_id, tls) -> dict:
     """Polls a job until it ends, with a progress bar on a terminal."""
     from tqdm import tqdm
 
     address = master_address(master)
-    async with RpcClient(address, secret=client_secret(secret_file, address)) as client:
+    secret = client_secret(secret_file, address)
+    async with RpcClient(address, secret=secret, tls=tls, name="master") as client:
         bar = None
         while True:
             job = await client.call("job", job_id=job_id)

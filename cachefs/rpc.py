@@ -345,6 +345,9 @@ class RpcClient:
         if nonce is None:
             return
         if self.secret is None:
-            raise errors.AuthenticationFailed("a shared secret is required (--secret-file)")
+            raise errors.AuthenticationFailed(
+                "credentials missing: it requires the cluster's shared secret (--secret-file F "
+                "or $CACHEFS_SECRET_FILE; the master's user on its host finds it without them)"
+            )
         await send_now(stream, auth_message(self.secret, nonce))
         check_auth_reply(await recv_frame(stream, decoder))

@@ -26,6 +26,7 @@ from cachefs.fuse.reader import DataReader
 from cachefs.fuse.vfs import Vfs
 from cachefs.rpc import LocalClient, RpcClient
 from cachefs.runtime import open_private, read_pid_file, runtime_dir, write_pid_file
+from cachefs.tls import TlsConfig
 from cachefs.ufs import RemoteStore, parse_uri
 from cachefs.workers import WorkerDirectory
 
@@ -44,6 +45,7 @@ class MountOptions:
     change_poll: float = 2.0  # seconds between polls for re-syncs
     secret: bytes | None = None
     secret_file: str | None = None  # where `secret` came from (printed for embedded mounts)
+    tls: TlsConfig | None = None  # cluster mounts; embedded mode stays on loopback
 
 
 def pid_file(mountpoint: Path) -> Path:
@@ -85,10 +87,12 @@ async def serve_mount(
             master = LocalClient(local["master"], name="embedded master")
         else:
             master = await stack.enter_async_context(
-                RpcClient(master_address, secret=opts.secret, name="master")
+                RpcClient(master_address, secret=opts.secret, name="master", tls=opts.tls)
             )
         workers = await stack.enter_async_context(
-            WorkerDirectory(functools.partial(master.call, "workers"), secret=opts.secret)
+            WorkerDirectory(
+                functools.partial(master.call, "workers"), secret=opts.secret, tls=opts.tls
+            )
         )
         if local:
             worker = local["worker"]

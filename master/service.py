@@ -22,6 +22,7 @@ from cachefs.master.registry import WorkerRegistry
 from cachefs.meta import Attr, cache_key
 from cachefs.rpc import RpcServer
 from cachefs.runtime import private_dir
+from cachefs.tls import TlsConfig
 from cachefs.ufs import RemoteStore, parse_uri
 from cachefs.workers import WorkerDirectory
 
@@ -369,6 +370,7 @@ async def run_master(
     *,
     secret: bytes | None = None,
     publish_secret: bool = False,
+    tls: TlsConfig | None = None,
     liveness: float = 10.0,
     http: tuple[str, int] | None = None,
     local: dict | None = None,
@@ -386,13 +388,13 @@ async def run_master(
     bound = None
     try:
         async with (
-            WorkerDirectory(service.rpc_workers, secret=secret) as workers,
+            WorkerDirectory(service.rpc_workers, secret=secret, tls=tls) as workers,
             trio.open_nursery() as nursery,
         ):
             service.workers = workers
             service.jobs = LoadJobs(service, workers)
             await nursery.start(service.jobs.run)
-            server = RpcServer(service, secret=secret, name="master")
+            server = RpcServer(service, secret=secret, name="master", tls=tls)
             bound = await nursery.start(server.serve, *listen)
             if secret is not None and publish_secret:
                 publish(bound[1], secret)

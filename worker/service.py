@@ -23,6 +23,7 @@ from cachefs.config import format_address
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.meta import cache_key
 from cachefs.rpc import Reply, RpcClient, RpcServer
+from cachefs.tls import TlsConfig
 from cachefs.ufs import RemoteStore
 from cachefs.worker.store import BlockStore
 from cachefs.worker.tier import BLOCK_SIZE
@@ -321,6 +322,7 @@ async def run_worker(
     advertise: str | None = None,
     host_id: str | None = None,
     secret: bytes | None = None,
+    tls: TlsConfig | None = None,
     local: dict | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -328,7 +330,7 @@ async def run_worker(
 
     `local`, if given, receives the service as local["worker"], for in-process callers.
     """
-    async with RpcClient(master, secret=secret, name="master") as client:
+    async with RpcClient(master, secret=secret, name="master", tls=tls) as client:
         link = MasterLink(client, store, host_id or socket.gethostname())
         service = WorkerService(store, link.remote_for)
         if local is not None:
@@ -337,7 +339,7 @@ async def run_worker(
         metrics.export_store(store.stats)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
-            server = RpcServer(service, secret=secret, name="worker")
+            server = RpcServer(service, secret=secret, name="worker", tls=tls)
             bound = await nursery.start(server.serve, *listen)
             host = bound[0] if bound[0] not in ("0.0.0.0", "::") else socket.gethostname()
             link.address = advertise or format_address((host, bound[1]))
