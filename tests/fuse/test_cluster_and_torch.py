@@ -12,6 +12,7 @@ import time
 import pytest
 
 from cachefs.fuse.mount import pid_file
+from cachefs.runtime import read_pid_file
 from tests.fuse.conftest import make_files, read_all
 from tests.procs import master_process, run_cli, worker_process
 
@@ -103,7 +104,7 @@ def test_sigterm_unmounts_cleanly(mounts, tmp_path):
     source = tmp_path / "source"
     make_files(source, 10, seed=6)
     mnt = mounts.embedded(source.as_uri())
-    pid = int(pid_file(mnt).read_text())
+    pid = read_pid_file(pid_file(mnt))["pid"]
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:

@@ -100,8 +100,10 @@ async def test_calls_racing_the_idle_close_never_fail(nursery):
             conn = client._conns[0] if client._conns else None
             assert await client.call("echo", x=i) == i
             opened += client._conns[0] is not conn
-            await trio.sleep(0.045 + 0.01 * random.random())
-    assert opened > 5  # the server really did close connections under the client
+            # Odd rounds wait well past the deadline (the server surely closed), even rounds
+            # race it; a loaded host delays the sweeper, so only the sure closes are counted on.
+            await trio.sleep(0.3 if i % 2 else 0.045 + 0.01 * random.random())
+    assert opened >= 5  # the server really did close connections under the client
 
 
 async def test_a_call_in_flight_is_not_idle(nursery):
