@@ -36,7 +36,7 @@ import msgpack
 
 from cachefs import errors
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Attr carries mode, uid, gid; dataset_spec; auth by default
 MAX_HEADER = 1 << 20
 MAX_FRAME = (64 << 20) + (1 << 20)
 MAX_ERROR_MESSAGE = 8192

@@ -84,7 +84,8 @@ async def raw_connect(addr, hello=True):
     decoder = protocol.FrameDecoder()
     if hello:
         await stream.send_all(b"".join(protocol.encode_frame(protocol.hello_message())))
-        assert await read_frames(stream, decoder, until_eof=False) == [{"v": 1, "nonce": None}]
+        challenge = {"v": protocol.PROTOCOL_VERSION, "nonce": None}
+        assert await read_frames(stream, decoder, until_eof=False) == [challenge]
     return stream, decoder
 
 

@@ -1,0 +1,128 @@
+"""`cachefs mount` (embedded or cluster) and `cachefs umount`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from cachefs.cli.app import main
+from cachefs.cli.common import (
+    current_tls,
+    errors_to_exit,
+    master_option,
+    metrics_option,
+    parse_options,
+    secret_option,
+)
+from cachefs.config import master_address, parse_size
+from cachefs.credentials import client_secret, load_or_create, read_secret
+
+
+@main.command()
+@click.argument("source")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@master_option
+@click.option("-f", "--foreground", is_flag=True, help="stay in the foreground")
+@click.option("--state", type=click.Path(file_okay=False), help="embedded mode state directory")
+@click.option("--mem", default="512M", show_default=True, help="embedded worker RAM tier")
+@click.option("--disk", type=click.Path(file_okay=False), help="embedded worker DISK tier dir")
+@click.option("--disk-size", default="0", help="embedded worker DISK tier size")
+@click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="URI option")
+@click.option("--attr-timeout", default=3600.0, show_default=True, help="kernel attr/entry cache s")
+@click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
+@click.option("--allow-other", is_flag=True, help="let other users read the mount")
+@secret_option
+@metrics_option
+@errors_to_exit
+def mount(
+    source,
+    mountpoint,
+    master,
+    foreground,
+    state,
+    mem,
+    disk,
+    disk_size,
+    options,
+    attr_timeout,
+    op_timeout,
+    allow_other,
+    secret_file,
+    metrics,
+):
+    """Mount SOURCE read-only on MOUNTPOINT.
+
+    SOURCE is a URI (embedded mode: master, worker and client in this process) or, with
+    --master, a dataset name. Returns once the mount answers, unless --foreground.
+    """
+    from cachefs.fuse import mount as mounting
+
+    mountpoint_path = Path(mountpoint).resolve()
+    mounting.check_mountpoint(mountpoint_path)
+    uri_options = parse_options(options)
+    embedded = master is None and "://" in source
+    if embedded:
+        from cachefs.ufs import parse_uri
+
+        parse_uri(source, uri_options)
+    state_base = Path(state or Path.home() / ".cache" / "cachefs").expanduser().resolve()
+    if not foreground:
+        argv = sys.argv[1:]
+        log_path = mounting.pid_file(mountpoint_path).with_suffix(".log")
+        record = mounting.spawn_background(argv, mountpoint_path, log_path)
+        click.echo(f"cachefs: {source} mounted on {mountpoint_path} (log: {log_path})")
+        if record.get("master"):  # embedded mode: where `cachefs load/status` reach it
+            where = record["master"]
+            click.echo(f"cachefs: its master: {where} (secret: {record['secret_file']}), "
+                       f"e.g. cachefs status --master {where}")  # fmt: skip
+        return
+    if embedded:
+        from cachefs.runtime import private_dir
+
+        state_dir = private_dir(mounting.embedded_state_dir(state_base, source))
+        secret_path = Path(secret_file) if secret_file else state_dir / "secret"
+        secret = read_secret(secret_path) if secret_file else load_or_create(secret_path)
+    else:
+        secret = client_secret(secret_file, master_address(master))
+    opts = mounting.MountOptions(
+        entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
+        allow_other=allow_other, secret=secret, tls=None if embedded else current_tls(),
+    )  # fmt: skip
+    if embedded:
+        opts.secret_file = str(secret_path.resolve())
+        from cachefs.worker.store import BlockStore
+
+        def store_factory(path):
+            return BlockStore(
+                path,
+                mem_capacity=parse_size(mem),
+                disk_dir=Path(disk) if disk else None,
+                disk_capacity=parse_size(disk_size),
+            )
+
+        serve = functools.partial(
+            mounting.run_embedded, source, uri_options, mountpoint_path, state_dir,
+            store_factory, opts,
+        )  # fmt: skip
+    else:
+        serve = functools.partial(
+            mounting.run_cluster_mount, source, master_address(master), mountpoint_path, opts
+        )
+    from cachefs import metrics as prometheus
+
+    prometheus.serve(metrics)
+    trio.run(mounting.run_foreground, serve, mountpoint_path)
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@errors_to_exit
+def umount(mountpoint):
+    """Unmount a cachefs mount and wait for its process to exit."""
+    from cachefs.fuse.mount import unmount
+
+    unmount(Path(mountpoint).resolve())
