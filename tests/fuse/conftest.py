@@ -3,11 +3,13 @@ end of its test, even a failed one, and its process is gone."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import shutil
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,13 +55,20 @@ class Mounts:
             shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def mounts(tmp_path):
-    m = Mounts(tmp_path)
+@contextlib.contextmanager
+def mounts_under(base: Path) -> Iterator[Mounts]:
+    """Mounts whose mountpoints and states live under `base`, all cleaned up at the end."""
+    m = Mounts(base)
     try:
         yield m
     finally:
         m.cleanup()
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    with mounts_under(tmp_path) as m:
+        yield m
 
 
 def make_files(root: Path, count: int, *, max_size: int = 16_384, seed: int = 1) -> dict:

@@ -26,7 +26,7 @@ from cachefs.master.namespace import MetadataStore
 from cachefs.meta import Attr
 from cachefs.rpc import RpcClient
 from cachefs.ufs import RemoteEntry
-from tests.fuse.conftest import Mounts
+from tests.fuse.conftest import mounts_under
 from tests.procs import master_process, run_cli, worker_process
 from tests.unprivileged import NOBODY
 
@@ -47,11 +47,8 @@ def public():
 
 @pytest.fixture
 def public_mounts(public):
-    m = Mounts(public)
-    try:
+    with mounts_under(public) as m:
         yield m
-    finally:
-        m.cleanup()
 
 
 def make_source(base: Path) -> Path:
