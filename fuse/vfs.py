@@ -123,6 +123,8 @@ class Vfs:
             parent_path = self._inodes[parent].path
             path = f"{parent_path}/{name}" if parent_path else name
             node = self._inodes[attr.ino] = _Inode(attr, path, parent, name)
+        else:  # a directory keeps its inode across syncs; its bits and mtime may have moved
+            node.attr = attr
         node.lookups += 1
         return node.attr
 
