@@ -5,7 +5,10 @@ Options become `cachefs mount` flags: `master=H:P` -> `--master H:P`, `allow_oth
 `--allow-other`, `mem=1G` -> `--mem 1G`; mount(8)'s own generic options (defaults, _netdev,
 noauto, nofail, x-systemd.*, ...) are ignored. Example fstab line:
 
-    frames  /mnt/frames  cachefs  master=10.0.0.5:19470,allow_other,_netdev  0  0
+    frames /mnt/frames cachefs master=10.0.0.5:19470,secret_file=/etc/cachefs/secret,_netdev 0 0
+
+(`secret_file=` becomes `--secret-file`: on a host other than the master's, the mount needs the
+cluster's secret.)
 """
 
 from __future__ import annotations
