@@ -43,6 +43,8 @@ def _refused(proc: subprocess.CompletedProcess) -> None:
 
 def test_defaults_keep_an_unprivileged_user_out(tmp_path, make_tree):
     tree = make_tree({"a.bin": 4000, "d/b.bin": 100})
+    (tmp_path / "master-state").mkdir()
+    (tmp_path / "master-state").chmod(0o755)  # an operator's pre-made, too open state dir
     master = master_process(tmp_path)
     address = master.start()
     worker = worker_process(tmp_path, address, "w1", "64M")
