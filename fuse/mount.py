@@ -41,6 +41,7 @@ class MountOptions:
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
     op_timeout: float = 60.0
+    read_ahead_kb: int = 1024  # the mount's kernel readahead; 0 keeps the kernel's (128)
     allow_other: bool = False  # other users may read the mount only on request
     change_poll: float = 2.0  # seconds between polls for re-syncs
     secret: bytes | None = None
@@ -117,7 +118,10 @@ async def serve_mount(
         )
         pyfuse3.init(ops, str(mountpoint), _fuse_options(opts))
         try:
+            nursery.start_soon(ops.watchdog.run)
             nursery.start_soon(workers.run)
+            if opts.read_ahead_kb:
+                nursery.start_soon(_set_read_ahead, ops, mountpoint, opts.read_ahead_kb)
             nursery.start_soon(_watch_changes, ops, opts.change_poll)
             log.info("dataset %s mounted on %s", dataset, mountpoint)
             task_status.started()
@@ -126,6 +130,45 @@ async def serve_mount(
             pyfuse3.close(unmount=True)
             nursery.cancel_scope.cancel()
         log.info("%s unmounted", mountpoint)
+
+
+def mount_device(mountinfo: str, mountpoint: Path) -> str | None:
+    """"major:minor" of the mount on `mountpoint` in /proc/self/mountinfo text (the last one)."""
+    # Fields: id, parent id, major:minor, root, mount point, ...; the mount point has space,
+    # tab, newline and backslash octal-escaped.
+    escaped = str(mountpoint)
+    for char in "\\ \t\n":
+        escaped = escaped.replace(char, f"\\{ord(char):03o}")
+    found = None
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4 and fields[4] == escaped:
+            found = fields[2]
+    return found
+
+
+async def _set_read_ahead(ops: CacheFsOperations, mountpoint: Path, kb: int) -> None:
+    """Sets the mount's readahead once FUSE_INIT is answered: the kernel caps it at what INIT
+    negotiated (its default, 128 KiB) when it takes the reply, so setting it earlier is lost.
+    """
+    await ops.initialized.wait()
+    await trio.to_thread.run_sync(set_read_ahead, mountpoint, kb)
+
+
+def set_read_ahead(mountpoint: Path, kb: int) -> None:
+    """`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb` of the mount: fewer, larger reads of big files
+    (benchmarks/results.md). A failure (not root, no sysfs) only costs speed: a warning.
+    """
+    try:
+        with open("/proc/self/mountinfo") as f:
+            device = mount_device(f.read(), mountpoint)
+        if device is None:
+            raise OSError(f"{mountpoint} not in /proc/self/mountinfo")
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(f"{kb}\n")
+        log.info("readahead of %s set to %d KiB", mountpoint, kb)
+    except OSError as exc:
+        log.warning("cannot set the readahead of %s to %d KiB: %s", mountpoint, kb, exc)
 
 
 async def _watch_changes(ops: CacheFsOperations, interval: float) -> None:

@@ -1,8 +1,9 @@
 """pyfuse3 Operations over `Vfs`: argument translation and the errno boundary.
 
 This is the only place where exceptions become errnos: a `CacheFsError` carries its own errno,
-a blown deadline is ETIMEDOUT, anything else is logged and answered EIO. Every operation runs
-under a deadline, so a stuck peer can never hang a reader in the kernel.
+a blown deadline is ETIMEDOUT, anything else is logged and answered EIO. Every operation that
+can wait runs under a deadline (fuse/deadlines.py), so a stuck peer can never hang a reader in
+the kernel.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import trio
 
 from cachefs import metrics
 from cachefs.errors import CacheFsError
+from cachefs.fuse.deadlines import Watchdog
 from cachefs.fuse.vfs import Vfs
 from cachefs.meta import Attr
 
@@ -29,34 +31,67 @@ FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 
 
-def _errno_boundary(func):
-    op = func.__name__
-    counter = metrics.FUSE_OPS.labels(op)
-    latency = metrics.FUSE_OP_SECONDS.labels(op)
+def _errno_boundary(func=None, *, blocking: bool = True):
+    """Wraps an op: counts it, and turns its errors into errnos.
 
-    @functools.wraps(func)
-    async def wrapper(self: CacheFsOperations, *args):
-        counter.inc()
-        started = time.perf_counter()
-        try:
-            with trio.fail_after(self.op_timeout):
+    `blocking` ops (anything that may wait on the master, a worker or the store) run under the
+    mount's deadline: a plain cancel scope the watchdog cancels (fuse/deadlines.py). Ops that
+    only read memory (`blocking=False`) skip the scope, the most expensive part of a cheap op.
+    """
+    if func is None:
+        return functools.partial(_errno_boundary, blocking=blocking)
+    name = func.__name__
+    latency = metrics.FUSE_OPS.op(name)
+    clock = time.monotonic
+
+    if blocking:
+
+        @functools.wraps(func)
+        async def wrapper(self: CacheFsOperations, *args):
+            started = clock()
+            inflight = self.watchdog.inflight
+            scope = trio.CancelScope()
+            inflight[scope] = started
+            try:
+                with scope:
+                    return await func(self, *args)
+                # Only the watchdog cancels this scope, and only past the deadline.
+                log.warning("%s exceeded its %.0fs deadline", name, self.watchdog.timeout)
+                raise pyfuse3.FUSEError(errno.ETIMEDOUT)
+            except Exception as exc:
+                raise _to_errno(name, exc) from None
+            finally:
+                inflight.pop(scope, None)
+                latency.observe(clock() - started)
+
+    else:
+
+        @functools.wraps(func)
+        async def wrapper(self: CacheFsOperations, *args):
+            started = clock()
+            try:
                 return await func(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except CacheFsError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODATA, errno.EROFS):
-                log.warning("%s failed: %s", func.__name__, exc.message)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except trio.TooSlowError:
-            log.warning("%s exceeded its %.0fs deadline", func.__name__, self.op_timeout)
-            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
-        except Exception:
-            log.exception("%s failed unexpectedly", func.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            latency.observe(time.perf_counter() - started)
+            except Exception as exc:
+                raise _to_errno(name, exc) from None
+            finally:
+                latency.observe(clock() - started)
 
     return wrapper
+
+
+def _to_errno(op: str, exc: Exception) -> pyfuse3.FUSEError:
+    """The errno an op's exception answers."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, CacheFsError):
+        if exc.errno not in (errno.ENOENT, errno.ENODATA, errno.EROFS):
+            log.warning("%s failed: %s", op, exc.message)
+        return pyfuse3.FUSEError(exc.errno)
+    if isinstance(exc, trio.TooSlowError):  # a deadline of its own inside the op
+        log.warning("%s timed out", op)
+        return pyfuse3.FUSEError(errno.ETIMEDOUT)
+    log.error("%s failed unexpectedly", op, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 def _ignore_enoent(func, *args) -> None:
@@ -88,8 +123,14 @@ class CacheFsOperations(pyfuse3.Operations):
         self.vfs = vfs
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
-        self.op_timeout = op_timeout
+        self.watchdog = Watchdog(op_timeout)  # its run() belongs in the mount's nursery
+        self.initialized = trio.Event()
         self._uid, self._gid = os.getuid(), os.getgid()
+
+    def init(self) -> None:
+        # libfuse calls this on the event loop's thread while it answers FUSE_INIT; the reply
+        # is written before any task runs again, so waiters see a negotiated connection.
+        self.initialized.set()
 
     # ---- translation ---------------------------------------------------------------------
 
@@ -130,14 +171,14 @@ class CacheFsOperations(pyfuse3.Operations):
         attr = await self.vfs.lookup(self._from_fuse(parent_inode), os.fsdecode(name))
         return self._entry(attr)
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def getattr(self, inode, ctx=None):
         return self._entry(await self.vfs.getattr(self._from_fuse(inode)))
 
     async def forget(self, inode_list):
         self.vfs.forget([(self._from_fuse(ino), n) for ino, n in inode_list])
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def opendir(self, inode, ctx):
         return await self.vfs.opendir(self._from_fuse(inode))
 
@@ -153,7 +194,7 @@ class CacheFsOperations(pyfuse3.Operations):
                 self.vfs.readdir_accepted(fh, name, attr)
                 start_id = next_id
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def releasedir(self, fh):
         self.vfs.releasedir(fh)
 
@@ -169,12 +210,12 @@ class CacheFsOperations(pyfuse3.Operations):
         out.f_namemax = 255
         return out
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def access(self, inode, mode, ctx):
         self.vfs.access(self._from_fuse(inode), mode)
         return True
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def listxattr(self, inode, ctx):
         return [name.encode() for name in self.vfs.listxattr(self._from_fuse(inode))]
 
@@ -184,7 +225,7 @@ class CacheFsOperations(pyfuse3.Operations):
 
     # ---- data ----------------------------------------------------------------------------
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def open(self, inode, flags, ctx):
         fh = await self.vfs.open(self._from_fuse(inode), flags)
         # The dataset is a snapshot: pages stay valid across opens (keep_cache).
@@ -194,7 +235,7 @@ class CacheFsOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         return await self.vfs.read(fh, off, size)
 
-    @_errno_boundary
+    @_errno_boundary(blocking=False)
     async def release(self, fh):
         self.vfs.release(fh)
 

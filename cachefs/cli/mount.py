@@ -34,6 +34,8 @@ from cachefs.credentials import client_secret, load_or_create, read_secret
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="URI option")
 @click.option("--attr-timeout", default=3600.0, show_default=True, help="kernel attr/entry cache s")
 @click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
+@click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(min=0),
+              help="kernel readahead of the mount, KiB (0: the kernel's default)")  # fmt: skip
 @click.option("--allow-other", is_flag=True, help="let other users read the mount")
 @secret_option
 @metrics_option
@@ -50,6 +52,7 @@ def mount(
     options,
     attr_timeout,
     op_timeout,
+    read_ahead_kb,
     allow_other,
     secret_file,
     metrics,
@@ -90,7 +93,8 @@ def mount(
         secret = client_secret(secret_file, master_address(master))
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
-        allow_other=allow_other, secret=secret, tls=None if embedded else current_tls(),
+        read_ahead_kb=read_ahead_kb, allow_other=allow_other, secret=secret,
+        tls=None if embedded else current_tls(),
     )  # fmt: skip
     if embedded:
         opts.secret_file = str(secret_path.resolve())
