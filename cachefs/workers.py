@@ -15,7 +15,9 @@ import trio
 
 from cachefs import placement
 from cachefs.errors import CacheFsError
+from cachefs.locality import host_identity, is_local
 from cachefs.rpc import RpcClient
+from cachefs.shortcircuit import ShortCircuit
 from cachefs.tls import TlsConfig
 
 log = logging.getLogger("cachefs.workers")
@@ -54,6 +56,10 @@ class WorkerDirectory:
         self.local: dict[str, object] = {}
         self._nursery_cm = trio.open_nursery()
         self._nursery: trio.Nursery | None = None
+        #: id -> locality token of the workers whose files this process can read directly
+        self.local_tokens: dict[str, dict] = {}
+        # Owned here, like the RPC clients: the directory's owner closes both at unmount.
+        self.shortcircuit = ShortCircuit()
 
     async def __aenter__(self):
         # Each worker client lives in a task of this nursery, so whichever task first needs
@@ -63,12 +69,23 @@ class WorkerDirectory:
 
     async def __aexit__(self, *exc):
         self._nursery.cancel_scope.cancel()
-        return await self._nursery_cm.__aexit__(*exc)
+        try:
+            return await self._nursery_cm.__aexit__(*exc)
+        finally:
+            self.shortcircuit.close()
 
     async def update(self) -> None:
         reply = await self._fetch()
         self.epoch = reply["epoch"]
         self.workers = {w["id"]: w["address"] for w in reply["workers"]}
+        if self.shortcircuit.enabled:
+            mine = host_identity()
+            self.local_tokens = {
+                w["id"]: w["locality"]
+                for w in reply["workers"]
+                if w["id"] not in self.local and is_local(w.get("locality"), mine)
+            }
+            self.shortcircuit.refresh(self.local_tokens)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Keeps the worker list fresh; runs until cancelled."""

@@ -21,6 +21,7 @@ class WorkerInfo:
     stats: dict = field(default_factory=dict)  # last heartbeat's stats
     registered_at: float = 0.0
     last_seen: float = 0.0
+    locality: dict | None = None  # where its files are, for same-host short-circuit reads
 
     def public(self) -> dict:
         return {
@@ -30,6 +31,7 @@ class WorkerInfo:
             "capacity": self.capacity,
             "stats": self.stats,
             "last_seen": self.last_seen,
+            **({"locality": self.locality} if self.locality else {}),
         }
 
 
@@ -56,13 +58,18 @@ class WorkerRegistry:
     def _changed(self) -> None:
         self.epoch = self._next_epoch()
 
-    def register(self, worker_id: str, address: str, host_id: str, capacity: dict) -> int:
+    def register(
+        self, worker_id: str, address: str, host_id: str, capacity: dict,
+        locality: dict | None = None,
+    ) -> int:  # fmt: skip
         now = self._clock()
         old = self._workers.get(worker_id)
         self._workers[worker_id] = WorkerInfo(
-            worker_id, address, host_id, dict(capacity), {}, now, now
+            worker_id, address, host_id, dict(capacity), {}, now, now, locality
         )
-        if old is None or (old.address, old.host_id) != (address, host_id):
+        if old is None or (old.address, old.host_id, old.locality) != (
+            address, host_id, locality,
+        ):  # fmt: skip
             self._changed()
         return self.epoch
 
@@ -92,7 +99,13 @@ class WorkerRegistry:
     def snapshot(self) -> list[dict]:
         """The membership to persist: enough to restore it after a master restart."""
         return [
-            {"id": w.worker_id, "address": w.address, "host": w.host_id, "capacity": w.capacity}
+            {
+                "id": w.worker_id,
+                "address": w.address,
+                "host": w.host_id,
+                "capacity": w.capacity,
+                "locality": w.locality,
+            }  # fmt: skip
             for w in self._workers.values()
         ]
 
@@ -102,7 +115,14 @@ class WorkerRegistry:
         now = self._clock()
         for m in members:
             self._workers[m["id"]] = WorkerInfo(
-                m["id"], m["address"], m["host"], dict(m["capacity"]), {}, now, now
+                m["id"],
+                m["address"],
+                m["host"],
+                dict(m["capacity"]),
+                {},
+                now,
+                now,
+                m.get("locality"),  # absent in snapshots of older masters
             )
 
     def now(self) -> float:

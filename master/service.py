@@ -205,9 +205,12 @@ class MasterService:
     # ---- workers --------------------------------------------------------------------------
 
     async def rpc_worker_register(
-        self, worker_id: str, address: str, host_id: str, capacity: dict | None = None
-    ) -> dict:
-        epoch = self.registry.register(worker_id, address, host_id, capacity or {})
+        self, worker_id: str, address: str, host_id: str, capacity: dict | None = None,
+        locality: dict | None = None,
+    ) -> dict:  # fmt: skip
+        if locality is not None and not isinstance(locality, dict):
+            raise InvalidArgument("locality must be a map")
+        epoch = self.registry.register(worker_id, address, host_id, capacity or {}, locality)
         log.info("worker %s registered at %s (host %s)", worker_id, address, host_id)
         return {"epoch": epoch, "heartbeat": self.registry.liveness / 4}
 

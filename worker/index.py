@@ -12,6 +12,7 @@ whose data never reached the disk.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,26 @@ import msgpack
 
 from cachefs.runtime import private_dir, private_lmdb
 from cachefs.worker.slab import Slot
+
+#: Index dirs this process has open as a worker: lmdb forbids a second open in one process.
+OPEN_INDEXES: set[str] = set()
+
+ENTRIES_DB = b"entries"
+META_DB = b"meta"
+
+
+def geometry_key(tier: str) -> str:
+    return f"geometry:{tier}"
+
+
+def slot_of(slab: int, index: int, size_class: int, slab_size: int, class_sizes: list) -> Slot:
+    """The slot an index record names, located as the allocator lays slots out.
+
+    Pure, and the one place an index record becomes a file offset: the worker rebuilds its
+    allocator with it and short-circuit readers in other processes locate bytes with it.
+    """
+    capacity = class_sizes[size_class]
+    return Slot(slab, index, size_class, slab * slab_size + index * capacity, capacity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,16 +56,19 @@ class Location:
 class CacheIndex:
     def __init__(self, path: Path, *, map_size: int = 1 << 34):
         private_dir(path)
+        self.path = path / "index.lmdb"
         self.env = lmdb.open(
             private_lmdb(path / "index.lmdb"), map_size=map_size, max_dbs=4, sync=False,
             metasync=False, mode=0o600,
         )  # fmt: skip
-        self._entries = self.env.open_db(b"entries")
-        self._meta = self.env.open_db(b"meta")
+        self._entries = self.env.open_db(ENTRIES_DB)
+        self._meta = self.env.open_db(META_DB)
+        OPEN_INDEXES.add(os.path.realpath(self.path))
 
     def close(self) -> None:
         self.env.sync(True)
         self.env.close()
+        OPEN_INDEXES.discard(os.path.realpath(self.path))
 
     def get_meta(self, key: str) -> object | None:
         with self.env.begin() as txn:

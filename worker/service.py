@@ -284,6 +284,7 @@ class MasterLink:
             address=self.address,
             host_id=self.host_id,
             capacity={name: tier.capacity for name, tier in self.store.tiers.items()},
+            locality=self.store.locality(),
         )
         self.interval = reply["heartbeat"]
         log.info(

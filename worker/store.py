@@ -20,8 +20,9 @@ from pathlib import Path
 
 import xxhash
 
+from cachefs.locality import make_token
 from cachefs.worker.eviction import Watermarks
-from cachefs.worker.index import CacheIndex, Location
+from cachefs.worker.index import CacheIndex, Location, geometry_key, slot_of
 from cachefs.worker.slab import Slot
 from cachefs.worker.tier import BLOCK_SIZE, Tier
 
@@ -100,25 +101,19 @@ class BlockStore:
             if (
                 tier is None
                 or not tier.reused
-                or self.index.get_meta(f"geometry:{name}") != geometry
+                or self.index.get_meta(geometry_key(name)) != geometry
             ):
                 dropped = self.index.delete_tier(name)
                 if dropped:
                     log.info("%s tier is new or changed: forgot %d cached entries", name, dropped)
                 if geometry is not None:
-                    self.index.set_meta(f"geometry:{name}", geometry)
+                    self.index.set_meta(geometry_key(name), geometry)
         for key, (tier_name, slab, index, size_class, length, digest, dataset) in list(
             self.index.items_raw()
         ):
             tier = self.tiers[tier_name]
             alloc = tier.allocator
-            slot = Slot(
-                slab,
-                index,
-                size_class,
-                slab * alloc.slab_size + index * alloc.class_sizes[size_class],
-                alloc.class_sizes[size_class],
-            )
+            slot = slot_of(slab, index, size_class, alloc.slab_size, alloc.class_sizes)
             alloc.claim(slot, length)
             loc = Location(tier_name, slot, length, digest, dataset)
             self._locations[key] = loc
@@ -126,6 +121,11 @@ class BlockStore:
             self._account(key, loc, +1)
         if self._locations:
             log.info("kept %d cached entries from the previous run", len(self._locations))
+
+    def locality(self) -> dict:
+        """Where this store's files are, for short-circuit readers on the same host."""
+        tiers = {name: str(tier.path.resolve()) for name, tier in self.tiers.items()}
+        return make_token(str(self.index.path.resolve()), tiers)
 
     def close(self) -> None:
         self.index.close()
