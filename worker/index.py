@@ -70,6 +70,11 @@ class CacheIndex:
         self.env.close()
         OPEN_INDEXES.discard(os.path.realpath(self.path))
 
+    def reader_check(self) -> int:
+        """Frees reader slots of dead processes (a killed short-circuit client): a stale slot
+        would keep lmdb from reusing pages and grow the file with every write."""
+        return self.env.reader_check()
+
     def get_meta(self, key: str) -> object | None:
         with self.env.begin() as txn:
             raw = txn.get(key.encode(), db=self._meta)

@@ -309,6 +309,9 @@ class MasterLink:
                 continue
             except Unavailable as exc:
                 log.warning("master unreachable: %s", exc.message)
+            cleared = self.store.index.reader_check()
+            if cleared:
+                log.info("freed %d lmdb reader slots of dead processes", cleared)
             if not started:  # readiness means "tried to register once", not "registered"
                 started = True
                 task_status.started()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,22 @@ def test_files_of_another_user_or_readable_by_others_are_not_opened(tmp_path):
         assert sc.hits == 0
     finally:
         sc.close()
+
+
+def test_the_worker_frees_reader_slots_of_killed_clients(tmp_path):
+    from cachefs.worker.index import CacheIndex
+
+    index = CacheIndex(tmp_path / "state")
+    try:
+        index.set_meta("worker_id", "w")
+        child = (
+            "import lmdb, os, sys\n"
+            "env = lmdb.open(sys.argv[1], readonly=True, lock=True, max_dbs=4)\n"
+            "txn = env.begin()\n"
+            "os._exit(0)  # dies inside its read transaction, like a killed client\n"
+        )
+        subprocess.run([sys.executable, "-c", child, str(index.path)], check=True)
+        assert index.reader_check() == 1
+        assert index.reader_check() == 0
+    finally:
+        index.close()
