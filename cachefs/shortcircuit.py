@@ -267,7 +267,7 @@ class ShortCircuit:
         try:
             loc = files.lookup(key)
             return self._count(files, loc, files.fetch(loc) if loc is not None else None)
-        except (OSError, lmdb.Error, ValueError, TypeError) as exc:
+        except (OSError, lmdb.Error, ValueError, TypeError, LookupError) as exc:
             return self._failure(worker_id, files, exc)
         finally:
             _POOL.release(files)
@@ -286,7 +286,7 @@ class ShortCircuit:
             else:
                 data = await trio.to_thread.run_sync(files.fetch, loc, limiter=self._limiter)
             return self._count(files, loc, data)
-        except (OSError, lmdb.Error, ValueError, TypeError) as exc:
+        except (OSError, lmdb.Error, ValueError, TypeError, LookupError) as exc:
             return self._failure(worker_id, files, exc)
         finally:
             _POOL.release(files)
