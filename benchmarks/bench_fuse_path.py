@@ -6,7 +6,9 @@ before a change, and one of the change) plus extra `cachefs mount` flags. After 
 per mount fills its worker's RAM tier, each round reads every file through every mount, in turn,
 twice: warm (after `echo 3 > /proc/sys/vm/drop_caches`: data from the worker's cache) and second
 epoch (page cache). Per pass: files/s, the mount process's CPU (utime + stime from
-/proc/PID/stat) per 1,000 files, and FUSE requests per file from the mount's counters.
+/proc/PID/stat) per 1,000 files, and FUSE requests per file from the mount's counters. Before
+the mounts, `--micro N` times each checkout's op handlers in-process (no kernel, a Vfs that
+answers at once): what the request path itself costs per call.
 
     git worktree add /tmp/before HEAD~1 && git worktree add /tmp/after HEAD
     python benchmarks/bench_fuse_path.py --variant before=/tmp/before \\
@@ -61,6 +63,7 @@ class Variant:
     pid: int = 0
     metrics: str = ""
     passes: dict = dataclasses.field(default_factory=dict)  # kind -> [(files/s, cpu µs, reqs)]
+    micro: dict = dataclasses.field(default_factory=dict)  # op -> µs per call
 
 
 def parse_variant(text: str) -> Variant:
@@ -78,6 +81,56 @@ def package_shim(checkout: Path, dest: Path) -> Path:
     for sub in ("fuse", "master", "worker"):
         (pkg / sub).symlink_to(checkout / sub)
     return dest
+
+
+# The ops themselves, without the kernel: CacheFsOperations over a Vfs that answers at once
+# (read and lookup as if from the worker's and master's memory, with one checkpoint each).
+MICRO = """
+import time, sys, trio
+from cachefs.fuse.operations import CacheFsOperations
+from cachefs.meta import Attr
+
+ATTR = Attr(5, 0, 48_000, 1, 1)
+DATA = bytes(48_000)
+
+class Vfs:
+    root = Attr(2, 1, 0, 1, 1)
+    async def lookup(self, parent, name):
+        await trio.lowlevel.checkpoint()
+        return ATTR
+    async def getattr(self, ino):
+        return ATTR
+    async def open(self, ino, flags):
+        return 1
+    async def read(self, fh, off, size):
+        await trio.lowlevel.checkpoint()
+        return DATA
+    def release(self, fh):
+        pass
+
+async def main(n):
+    ops = CacheFsOperations(Vfs())
+    calls = {"lookup": (ops.lookup, (1, b"f")), "getattr": (ops.getattr, (5,)),
+             "open": (ops.open, (5, 0, None)), "read": (ops.read, (1, 0, 131072)),
+             "release": (ops.release, (1,))}
+    for name, (fn, args) in calls.items():
+        best = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                await fn(*args)
+            best.append((time.perf_counter() - t) / n * 1e6)
+        print(name, min(best))
+
+trio.run(main, int(sys.argv[1]))
+"""
+
+
+def micro(v: Variant, n: int) -> dict[str, float]:
+    """µs per op call of the checkout's CacheFsOperations (best of 5 runs of n calls)."""
+    out = subprocess.run([sys.executable, "-c", MICRO, str(n)], env=v.env, check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return {name: float(us) for name, us in (line.split() for line in out.splitlines())}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -131,6 +184,15 @@ def table(variants: list[Variant]) -> str:
                 f"| {statistics.median(r[2] for r in rows):.2f} "
                 f"({statistics.median(r[3] for r in rows):.2f}) |"
             )
+    if any(v.micro for v in variants):
+        ops = list(next(v.micro for v in variants if v.micro))
+        lines += ["", "| variant | " + " | ".join(f"{op} µs" for op in ops) + " |",
+                  "|---|" + "---:|" * len(ops)]  # fmt: skip
+        for v in variants:  # one row per checkout: flags do not change the op code
+            if v.micro:
+                lines.append(
+                    f"| {v.name} | " + " | ".join(f"{v.micro[op]:.1f}" for op in ops) + " |"
+                )
     return "\n".join(lines)
 
 
@@ -141,9 +203,13 @@ def run(args, variants: list[Variant], workdir: Path) -> dict:
     order = sorted(manifest)
     random.Random(args.seed + 1).shuffle(order)
     shm_before = set(Path("/dev/shm").glob("cachefs-*"))
+    for i, v in enumerate(variants):
+        v.env = {**os.environ, "PYTHONPATH": str(package_shim(v.checkout, workdir / f"py{i}"))}
+        if args.micro and all(v.checkout != u.checkout for u in variants[:i]):
+            v.micro = micro(v, args.micro)
+            print(f"{v.name}: µs per op call {v.micro}", flush=True)
     try:
         for i, v in enumerate(variants):
-            v.env = {**os.environ, "PYTHONPATH": str(package_shim(v.checkout, workdir / f"py{i}"))}
             v.mountpoint = workdir / f"mnt{i}"
             v.mountpoint.mkdir()
             v.metrics = f"127.0.0.1:{free_port()}"
@@ -176,6 +242,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mem", default="1G")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--micro", type=int, default=20_000,
+                        help="calls per op for the in-process op cost (0: skip)")  # fmt: skip
     parser.add_argument("--results", type=Path, help="update this results.md section")
     args = parser.parse_args()
     if os.geteuid() != 0:
