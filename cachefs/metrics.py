@@ -110,6 +110,41 @@ FUSE_OPS = FuseOpStats()
 REGISTRY.register(FUSE_OPS)
 
 
+class _ShortCircuitCollector:
+    """A mount's same-host reads from workers' files (cachefs.shortcircuit), read at scrape."""
+
+    def __init__(self):
+        self.counters: Callable[[], dict] | None = None
+
+    def collect(self):
+        if self.counters is None:
+            return
+        c = self.counters()
+        reads = CounterMetricFamily(
+            "cachefs_shortcircuit_reads",
+            "Same-host reads of cached objects from a worker's files by outcome "
+            "(miss and fallback are then read over the RPC)",
+            labels=["result"],
+        )
+        for result in ("hit", "miss", "fallback"):
+            reads.add_metric([result], c[result + "es" if result == "miss" else result + "s"])
+        yield reads
+        yield CounterMetricFamily(
+            "cachefs_shortcircuit_read_bytes",
+            "Bytes read from a same-host worker's files",
+            value=c["hit_bytes"],
+        )
+
+
+_SHORTCIRCUIT = _ShortCircuitCollector()
+REGISTRY.register(_SHORTCIRCUIT)
+
+
+def export_shortcircuit(counters: Callable[[], dict]) -> None:
+    """Makes the short-circuit counters read this mount's reader (one mount per process)."""
+    _SHORTCIRCUIT.counters = counters
+
+
 def export_store(stats: Callable[[], dict]) -> None:
     """Makes the store gauges read this worker's stats (one worker per process)."""
     _STORE.stats = stats

@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 import xxhash
 
+from cachefs import metrics
 from cachefs.config import format_address
 from cachefs.errors import AlreadyExists, CacheFsError, InvalidArgument, NotFound
 from cachefs.fuse.operations import CacheFsOperations
@@ -95,6 +96,7 @@ async def serve_mount(
                 functools.partial(master.call, "workers"), secret=opts.secret, tls=opts.tls
             )
         )
+        metrics.export_shortcircuit(workers.shortcircuit.counters)
         if local:
             worker = local["worker"]
             workers.local[worker.store.worker_id] = LocalClient(worker, name="embedded worker")

@@ -68,3 +68,21 @@ def test_master_and_worker_export_load_and_cache_metrics(tmp_path):
     finally:
         worker.stop()
         master.stop()
+
+
+def test_cluster_mount_on_a_worker_host_exports_short_circuit_reads(cluster, mounts, tmp_path):
+    master, _ = cluster
+    source = tmp_path / "source"
+    digests = make_files(source, 40, max_size=20_000, seed=23)
+    assert run_cli("dataset", "add", "s", source.as_uri(), "--master",
+                   master.address).returncode == 0  # fmt: skip
+    assert run_cli("load", "s", "--master", master.address).returncode == 0
+    port = free_port()
+    mnt = mounts.mount("s", "--master", master.address, "--metrics", f"127.0.0.1:{port}")
+    assert read_all(mnt, digests) == digests
+    m = scrape(port)
+    nonempty = sum(1 for rel in digests if (source / rel).stat().st_size)  # empty: no read
+    assert m['cachefs_shortcircuit_reads_total{result="hit"}'] == nonempty
+    assert m['cachefs_shortcircuit_reads_total{result="fallback"}'] == 0
+    total = sum((source / rel).stat().st_size for rel in digests)
+    assert m["cachefs_shortcircuit_read_bytes_total"] == total
