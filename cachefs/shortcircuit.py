@@ -42,6 +42,9 @@ SWITCH = "CACHEFS_SHORTCIRCUIT"
 #: MEM reads up to this size are memory copies: done inline, cheaper than a thread hop.
 INLINE_MAX = 1 << 20
 RETRY_OPEN = 10.0  # seconds before a worker whose files did not open is tried again
+#: Keys remembered per worker between flushes of the `touched` hints; extras are dropped
+#: (a hint, not an account): the worker's RPC takes at most this many per call.
+TOUCHED_MAX = 10_000
 
 
 def enabled_by_env() -> bool:
@@ -202,6 +205,9 @@ class ShortCircuit:
         self._held: dict[str, _Files] = {}  # worker id -> files this reader holds
         self._failed: dict[str, tuple[dict, float]] = {}  # worker id -> (token, retry after)
         self._limiter = trio.CapacityLimiter(8)
+        # worker id -> (dataset -> hit bytes, keys served) since the last flush: the worker
+        # never sees these reads, so they are sent to it as LRU touches and served bytes.
+        self._touched: dict[str, tuple[dict[str, int], set[bytes]]] = {}
 
     def counters(self) -> dict:
         return {
@@ -249,6 +255,8 @@ class ShortCircuit:
                     _POOL.retire(files)
                 if replaced or tokens.get(worker_id) != files.token:
                     self._drop_held(worker_id)
+            for worker_id in [w for w in self._touched if w not in tokens]:
+                del self._touched[worker_id]  # departed: nobody to tell
 
     def close(self) -> None:
         with self._lock:
@@ -256,6 +264,24 @@ class ShortCircuit:
                 self._drop_held(worker_id)
         if self.hits or self.fallbacks:
             log.info("short-circuit reads: %s", self.counters())
+
+    # ---- hints for the worker ------------------------------------------------------------
+
+    def note_served(self, worker_id: str, dataset: str, keys: list[bytes], nbytes: int) -> None:
+        """Records a read served from `worker_id`'s files, for the next `take_touched`."""
+        with self._lock:
+            bytes_by_dataset, touched = self._touched.setdefault(worker_id, ({}, set()))
+            bytes_by_dataset[dataset] = bytes_by_dataset.get(dataset, 0) + nbytes
+            for key in keys:
+                if len(touched) >= TOUCHED_MAX:
+                    break
+                touched.add(key)
+
+    def take_touched(self) -> dict[str, tuple[dict[str, int], list[bytes]]]:
+        """What was served per worker since the last call: (dataset -> bytes, keys)."""
+        with self._lock:
+            taken, self._touched = self._touched, {}
+        return {w: (by_dataset, list(keys)) for w, (by_dataset, keys) in taken.items()}
 
     # ---- reads ---------------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ class WorkerDirectory:
             self.shortcircuit.refresh(self.local_tokens)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Keeps the worker list fresh; runs until cancelled."""
+        """Keeps the worker list fresh and reports short-circuit reads; runs until cancelled."""
         task_status.started()
         while True:
             await trio.sleep(self.refresh)
@@ -96,6 +96,28 @@ class WorkerDirectory:
                 await self.update()
             except CacheFsError as exc:
                 log.warning("cannot refresh the worker list: %s", exc.message)
+            await self.flush_touched()
+
+    async def flush_touched(self) -> None:
+        """Tells each local worker what this process read from its files since the last flush.
+
+        The worker's LRU and `served` counters never see short-circuit reads otherwise. Best
+        effort, as hints go: a failed send loses that round, and each send gives up after one
+        refresh interval so a stuck worker does not hold up the membership refresh.
+        """
+        pending = self.shortcircuit.take_touched()
+        async with trio.open_nursery() as nursery:
+            for worker_id, (dataset_bytes, keys) in pending.items():
+                if worker_id in self.workers:  # a departed worker's hints are dropped
+                    nursery.start_soon(self._send_touched, worker_id, dataset_bytes, keys)
+
+    async def _send_touched(self, worker_id: str, dataset_bytes: dict, keys: list) -> None:
+        with trio.move_on_after(self.refresh):
+            try:
+                client = await self.client(worker_id)
+                await client.call("touched", dataset_bytes=dataset_bytes, keys=keys)
+            except (CacheFsError, KeyError) as exc:  # KeyError: the worker left meanwhile
+                log.debug("short-circuit hints for worker %s not sent: %s", worker_id, exc)
 
     def ranked(self, key: bytes) -> list[str]:
         """Live workers for a key, owner first; suspects go last rather than away."""

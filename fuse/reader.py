@@ -97,7 +97,9 @@ class DataReader:
                     break
                 parts.append(data[max(offset, start) - start : end - start])
             else:
-                return parts[0] if len(parts) == 1 else b"".join(parts)
+                data = parts[0] if len(parts) == 1 else b"".join(parts)
+                sc.note_served(worker_id, self.dataset, [k for k, _ in objects], len(data))
+                return data
         return None
 
     async def cached_bytes(self, path: str, attr: Attr) -> tuple[int, str | None]:

@@ -33,6 +33,8 @@ log = logging.getLogger("cachefs.worker")
 _BLOCK_INDEX = struct.Struct(">I")
 MAX_READ = 64 << 20  # one read RPC returns at most this much
 PREFETCH_MAX = 10_000
+TOUCHED_MAX = 10_000  # keys per `touched` call (the client keeps at most this many per worker)
+TOUCHED_DATASETS_MAX = 64
 DATASET_TTL = 10.0  # seconds a worker trusts its copy of a dataset's URI
 
 
@@ -230,6 +232,29 @@ class WorkerService:
             loc = self.store.location(block_key(key, i))
             total += loc.length if loc else 0
         return total
+
+    async def rpc_touched(self, dataset_bytes: dict, keys: list) -> int:
+        """Reads a same-host client served from this worker's files (short-circuit): each key
+        counts as a use in the LRU, the bytes as cache hits. Returns how many keys are cached.
+
+        Only datasets with cached entries are counted, so a peer cannot grow `served` with
+        made-up names.
+        """
+        if not isinstance(keys, list) or len(keys) > TOUCHED_MAX:
+            raise InvalidArgument(f"touched takes a list of at most {TOUCHED_MAX} keys")
+        if not all(isinstance(k, bytes) and len(k) in (16, 20) for k in keys):
+            raise InvalidArgument("touched: keys are 16- or 20-byte cache keys")
+        if not isinstance(dataset_bytes, dict) or len(dataset_bytes) > TOUCHED_DATASETS_MAX:
+            raise InvalidArgument(f"touched takes at most {TOUCHED_DATASETS_MAX} datasets")
+        for name, n in dataset_bytes.items():
+            if not isinstance(name, str) or type(n) is not int or not 0 <= n < 1 << 50:
+                raise InvalidArgument("touched: dataset_bytes maps dataset names to byte counts")
+        entries = self.store.counters.per_dataset_entries
+        for name, n in dataset_bytes.items():
+            if entries.get(name):
+                self.served.setdefault(name, [0, 0])[0] += n
+                metrics.CACHE_HIT_BYTES.inc(n)
+        return sum(self.store.touch(key) for key in keys)
 
     async def rpc_evict(self, dataset: str | None = None, keys: list | None = None) -> int:
         if dataset is not None:

@@ -155,6 +155,15 @@ class BlockStore:
             self._promote(key, loc, data)
         return data
 
+    def touch(self, key: bytes) -> bool:
+        """A hit seen elsewhere (a short-circuit read of the tier file): the LRU effect of `get`
+        without reading the bytes; no promotion, which would cost a read and a write."""
+        loc = self._locations.get(key)
+        if loc is None:
+            return False
+        self.tiers[loc.tier].policy.touch(key)
+        return True
+
     def location(self, key: bytes) -> Location | None:
         return self._locations.get(key)
 

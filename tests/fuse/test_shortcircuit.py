@@ -11,6 +11,7 @@ import os
 import random
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,13 @@ def worker_reads(master) -> dict[str, tuple[int, int, int]]:
         w["id"]: (w["stats"]["hits"], w["stats"]["misses"], w["stats"]["corrupt"])
         for w in status(master)["workers"]
     }
+
+
+def served_hit_bytes(master, name: str) -> int:
+    return sum(
+        w["stats"].get("served", {}).get(name, {}).get("hit_bytes", 0)
+        for w in status(master)["workers"]
+    )
 
 
 def tokens(master) -> dict[str, dict]:
@@ -93,6 +101,15 @@ def test_same_host_mount_reads_loaded_files_without_worker_reads(
     mnt = mounts.mount("ds", "--master", master.address)
     assert read_all(mnt, digests) == digests
     assert worker_reads(master) == before  # no worker served a byte: all came from its files
+    # ...yet the mount tells the workers (every 2 s) what it read: their `served` hit bytes,
+    # and so the dataset's hit ratio, count the short-circuit reads.
+    total = sum((source / rel).stat().st_size for rel in digests)
+    deadline = time.monotonic() + 15
+    while served_hit_bytes(master, "ds") != total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert served_hit_bytes(master, "ds") == total
+    [ds] = status(master)["datasets"]
+    assert ds["hit_ratio"] == 1.0
     assert run_cli("umount", str(mnt)).returncode == 0
     counted = mount_counters(mnt)
     assert counted["hits"] == objects and counted["fallbacks"] == 0

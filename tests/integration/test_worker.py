@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from cachefs.config import parse_address
-from cachefs.errors import StaleVersion
+from cachefs.errors import InvalidArgument, StaleVersion
 from cachefs.rpc import RpcClient, RpcServer
 from cachefs.ufs import RemoteStore
 from cachefs.worker.service import WorkerService
@@ -238,3 +238,51 @@ def test_worker_process_restart_serves_1000_files_without_remote_reads(tmp_path)
     finally:
         worker.stop()
         master.stop()
+
+
+async def test_touched_keys_survive_an_eviction_pass_that_takes_untouched_ones(tmp_path):
+    """Short-circuit hints: what a same-host client read from the tier files counts as a use
+    in the worker's LRU, and its bytes as cache hits."""
+    source = tmp_path / "src"
+    source.mkdir()
+    async with served_worker(tmp_path, source, mem=16 * MiB) as (reader, service, _):
+        store, client = service.store, reader.client
+        for i in range(40):  # 10 MiB, key(0) the coldest
+            assert store.put(i.to_bytes(16, "big"), random.randbytes(256 << 10), "ds")
+        touched = [i.to_bytes(16, "big") for i in range(10)]  # the 10 coldest
+        absent = (999).to_bytes(16, "big") + b"\0\0\0\0"
+        count = await client.call(
+            "touched", dataset_bytes={"ds": 12345, "unknown": 7}, keys=touched + [absent]
+        )
+        assert count == 10
+        assert service.stats()["served"] == {"ds": {"hit_bytes": 12345, "miss_bytes": 0}}
+        assert store.stats()["hits"] == 0  # hints are not gets
+        for i in range(100, 140):  # 10 MiB more through a 16 MiB tier
+            store.put(i.to_bytes(16, "big"), random.randbytes(256 << 10), "ds")
+        assert store.stats()["evictions"] >= 10
+        assert all(store.location(k) is not None for k in touched)
+        # Plain LRU order after them: the untouched old keys went first.
+        assert all(store.location(i.to_bytes(16, "big")) is None for i in range(10, 16))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"dataset_bytes": {}, "keys": [b"k" * 16] * 10_001},
+        {"dataset_bytes": {}, "keys": [b"k" * 17]},
+        {"dataset_bytes": {}, "keys": ["x" * 16]},
+        {"dataset_bytes": {}, "keys": "not a list"},
+        {"dataset_bytes": {1: 5}, "keys": []},
+        {"dataset_bytes": {"ds": -1}, "keys": []},
+        {"dataset_bytes": {"ds": True}, "keys": []},
+        {"dataset_bytes": {f"d{i}": 1 for i in range(65)}, "keys": []},
+        {"dataset_bytes": [], "keys": []},
+    ],
+)
+async def test_touched_rejects_bad_hints(tmp_path, args):
+    source = tmp_path / "src"
+    source.mkdir()
+    async with served_worker(tmp_path, source, mem=8 * MiB) as (reader, service, _):
+        with pytest.raises(InvalidArgument):
+            await reader.client.call("touched", **args)
+        assert service.served == {}
