@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 from cachefs.errors import CacheFsError, InvalidArgument
-from cachefs.runtime import open_private, runtime_dir, write_private
+from cachefs.runtime import private_dir, runtime_dir, write_private
 
 SECRET_ENV = "CACHEFS_SECRET_FILE"
 MIN_SECRET_BYTES = 16
@@ -25,11 +25,18 @@ REDACTED = "***"
 _SENSITIVE = re.compile(r"secret|token|password|passwd|credential|access_key", re.I)
 
 
-def read_secret(path: str | os.PathLike) -> bytes:
-    """The secret in a 0600 file (at least 16 bytes, surrounding whitespace dropped)."""
+def read_secret(path: str | os.PathLike, *, follow: bool = True) -> bytes:
+    """The secret in a 0600 file (at least 16 bytes, surrounding whitespace dropped).
+
+    One open, checked and read through the same descriptor. `follow=False` refuses a symlink:
+    for the files cachefs publishes itself (a given --secret-file may well be a link, e.g. in a
+    Kubernetes Secret volume).
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
     try:
-        mode = os.stat(path).st_mode
-        secret = Path(path).read_bytes().strip()
+        with os.fdopen(os.open(path, flags), "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            secret = f.read().strip()
     except OSError as exc:
         raise InvalidArgument(f"cannot read secret file {path}: {exc.strerror}") from None
     if mode & 0o077:
@@ -44,6 +51,14 @@ def load_or_create(path: Path) -> bytes:
     if not os.path.lexists(path):
         write_private(path, secrets.token_urlsafe(32).encode() + b"\n")
     return read_secret(path)
+
+
+def server_secret(secret_file: str | None, state_dir: Path) -> tuple[bytes, Path]:
+    """A master's secret and its file: the one given, else STATE/secret (made on first start)."""
+    if secret_file:
+        return read_secret(secret_file), Path(secret_file)
+    path = private_dir(state_dir) / "secret"
+    return load_or_create(path), path
 
 
 def _published(port: int) -> Path:
@@ -61,7 +76,7 @@ def unpublish(port: int, secret: bytes) -> None:
     """Remove the published secret, unless another master took the port and rewrote it."""
     path = _published(port)
     try:
-        if read_secret(path) == secret:
+        if read_secret(path, follow=False) == secret:
             path.unlink()
     except (OSError, InvalidArgument):
         pass
@@ -76,10 +91,7 @@ def client_secret(secret_file: str | None, master: tuple[str, int] | None) -> by
     if master is None:
         return None
     try:
-        path = _published(master[1])
-        fd = open_private(path, os.O_RDONLY)  # refuses a planted symlink
-        os.close(fd)
-        return read_secret(path)
+        return read_secret(_published(master[1]), follow=False)  # never a planted symlink
     except (OSError, CacheFsError):
         return None
 

@@ -95,7 +95,7 @@ def read_pid_file(path: Path) -> dict | None:
     A pid is trusted only if that process started when the file says and runs cachefs.
     """
     try:
-        fd = open_private(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | _PRIVATE)
     except OSError:
         return None
     try:

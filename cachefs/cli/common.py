@@ -73,15 +73,18 @@ def human_bytes(n: float) -> str:
     return str(n)
 
 
-def call_master(master: str | None, secret_file: str | None, method: str, **args):
+def master_client(master: str | None, secret_file: str | None, **kwargs) -> RpcClient:
+    """A client for the master with this command's credentials (use it `async with`)."""
     address = master_address(master)
     secret = client_secret(secret_file, address)
-    tls = current_tls()
+    return RpcClient(address, secret=secret, tls=current_tls(), name="master", **kwargs)
+
+
+def call_master(master: str | None, secret_file: str | None, method: str, **args):
+    client = master_client(master, secret_file, timeout=LONG_CALL_TIMEOUT)
 
     async def run():
-        async with RpcClient(
-            address, secret=secret, timeout=LONG_CALL_TIMEOUT, tls=tls, name="master"
-        ) as client:
+        async with client:
             return await client.call(method, **args)
 
     return trio.run(run)

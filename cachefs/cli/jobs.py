@@ -10,14 +10,12 @@ import trio
 from cachefs.cli.app import main
 from cachefs.cli.common import (
     call_master,
-    current_tls,
     errors_to_exit,
     human_bytes,
+    master_client,
     master_option,
     secret_option,
 )
-from cachefs.config import master_address
-from cachefs.credentials import client_secret
 from cachefs.errors import InvalidArgument
 from cachefs.rpc import RpcClient
 
@@ -81,7 +79,7 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
     if no_wait or job["schedule"]:
         click.echo(f"job {job['id']} submitted" + (" (periodic)" if job["schedule"] else ""))
         return
-    job = trio.run(_follow_job, master, secret_file, job["id"], current_tls())
+    job = trio.run(_follow_job, master_client(master, secret_file), job["id"])
     click.echo(job_line(job))
     if job["state"] != "done" or job["progress"]["failed_files"]:
         for path, message in job["failures"][:10]:
@@ -89,13 +87,11 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
         sys.exit(1)
 
 
-async def _follow_job(master, secret_file, job_id, tls) -> dict:
+async def _follow_job(client: RpcClient, job_id: int) -> dict:
     """Polls a job until it ends, with a progress bar on a terminal."""
     from tqdm import tqdm
 
-    address = master_address(master)
-    secret = client_secret(secret_file, address)
-    async with RpcClient(address, secret=secret, tls=tls, name="master") as client:
+    async with client:
         bar = None
         while True:
             job = await client.call("job", job_id=job_id)

@@ -19,7 +19,7 @@ from cachefs.cli.common import (
     secret_option,
 )
 from cachefs.config import master_address, parse_size
-from cachefs.credentials import client_secret, load_or_create, read_secret
+from cachefs.credentials import client_secret, server_secret
 
 
 @main.command()
@@ -83,21 +83,21 @@ def mount(
             click.echo(f"cachefs: its master: {where} (secret: {record['secret_file']}), "
                        f"e.g. cachefs status --master {where}")  # fmt: skip
         return
+    secret_path = None
     if embedded:
         from cachefs.runtime import private_dir
 
         state_dir = private_dir(mounting.embedded_state_dir(state_base, source))
-        secret_path = Path(secret_file) if secret_file else state_dir / "secret"
-        secret = read_secret(secret_path) if secret_file else load_or_create(secret_path)
+        secret, secret_path = server_secret(secret_file, state_dir)  # the embedded master's
     else:
         secret = client_secret(secret_file, master_address(master))
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
         read_ahead_kb=read_ahead_kb, allow_other=allow_other, secret=secret,
+        secret_file=str(secret_path.resolve()) if secret_path else None,
         tls=None if embedded else current_tls(),
     )  # fmt: skip
     if embedded:
-        opts.secret_file = str(secret_path.resolve())
         from cachefs.worker.store import BlockStore
 
         def store_factory(path):

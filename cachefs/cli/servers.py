@@ -22,7 +22,7 @@ from cachefs.cli.common import (
     serve_until_signal,
 )
 from cachefs.config import format_address, master_address, parse_address, parse_size
-from cachefs.credentials import client_secret, load_or_create, read_secret
+from cachefs.credentials import client_secret, server_secret
 from cachefs.errors import InvalidArgument
 
 
@@ -67,12 +67,8 @@ def master(ctx, listen, state, restore, secret_file, metrics, http, liveness, in
             "every dataset and change the cluster",
             listen,
         )
-    elif secret_file:
-        secret = read_secret(secret_file)
     else:
-        from cachefs.runtime import private_dir
-
-        secret = load_or_create(private_dir(Path(state)) / "secret")
+        secret, _ = server_secret(secret_file, Path(state))
     address = parse_address(listen)
     service = functools.partial(
         run_master, address, state, secret=secret, publish_secret=True, tls=current_tls(),
