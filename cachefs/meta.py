@@ -6,12 +6,16 @@ lookups are the hottest metadata call.
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
 import xxhash
 
 KIND_FILE = 0
 KIND_DIR = 1
+#: Files up to this size are cached whole under their cache key; larger ones as blocks of it.
+BLOCK_SIZE = 4 << 20
+_BLOCK_INDEX = struct.Struct(">I")
 
 
 class Attr(NamedTuple):
@@ -43,3 +47,13 @@ def cache_key(dataset: str, path: str, size: int, mtime_ns: int, etag: str | Non
     """The 16-byte cache key of one version of a file: a new version never reads old bytes."""
     text = "\0".join((dataset, path, str(size), str(mtime_ns), etag or ""))
     return xxhash.xxh3_128_digest(text.encode())
+
+
+def block_key(key: bytes, index: int) -> bytes:
+    """The cache key of block `index` of a file larger than BLOCK_SIZE."""
+    return key + _BLOCK_INDEX.pack(index)
+
+
+def checksum(data: bytes | memoryview) -> int:
+    """The xxh3_64 every cached object carries, checked on every read from a cache tier."""
+    return xxhash.xxh3_64_intdigest(data)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import lmdb
 import msgpack
 import trio
-import xxhash
 
+from cachefs.meta import checksum
 from cachefs.worker.index import ENTRIES_DB, META_DB, OPEN_INDEXES, geometry_key, slot_of
 
 log = logging.getLogger("cachefs.shortcircuit")
@@ -130,7 +130,7 @@ class _Files:
     def fetch(self, loc: Located) -> bytes | None:
         """The slot's bytes if they still carry the entry's checksum, else None."""
         data = os.pread(self.fds[loc.tier], loc.length, loc.offset)
-        if len(data) != loc.length or xxhash.xxh3_64_intdigest(data) != loc.checksum:
+        if len(data) != loc.length or checksum(data) != loc.checksum:
             return None
         return data
 

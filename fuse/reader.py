@@ -12,14 +12,12 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
-from cachefs.meta import Attr, cache_key
+from cachefs.meta import BLOCK_SIZE, Attr, block_key, cache_key
 from cachefs.ufs import RemoteStore
-from cachefs.worker.service import block_key
 from cachefs.workers import WorkerDirectory
 
 log = logging.getLogger("cachefs.fuse.reader")
 
-BLOCK_SIZE = 4 << 20  # the workers' block size: files above it are read in blocks
 READAHEAD_BLOCKS = 2
 HANDLE_BLOCKS = 4  # blocks a handle keeps (current + readahead)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -21,25 +20,19 @@ import trio
 from cachefs import metrics
 from cachefs.config import format_address
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
-from cachefs.meta import cache_key
+from cachefs.meta import BLOCK_SIZE, block_key, cache_key
 from cachefs.rpc import Reply, RpcClient, RpcServer
+from cachefs.shortcircuit import TOUCHED_MAX  # the client's cap is the call's
 from cachefs.tls import TlsConfig
 from cachefs.ufs import RemoteStore
 from cachefs.worker.store import BlockStore
-from cachefs.worker.tier import BLOCK_SIZE
 
 log = logging.getLogger("cachefs.worker")
 
-_BLOCK_INDEX = struct.Struct(">I")
 MAX_READ = 64 << 20  # one read RPC returns at most this much
 PREFETCH_MAX = 10_000
-TOUCHED_MAX = 10_000  # keys per `touched` call (the client keeps at most this many per worker)
 TOUCHED_DATASETS_MAX = 64
 DATASET_TTL = 10.0  # seconds a worker trusts its copy of a dataset's URI
-
-
-def block_key(key: bytes, index: int) -> bytes:
-    return key + _BLOCK_INDEX.pack(index)
 
 
 @dataclass

@@ -18,22 +18,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from cachefs.locality import make_token
+from cachefs.meta import BLOCK_SIZE, checksum
 from cachefs.worker.eviction import Watermarks
 from cachefs.worker.index import CacheIndex, Location, geometry_key, slot_of
 from cachefs.worker.slab import Slot
-from cachefs.worker.tier import BLOCK_SIZE, Tier
+from cachefs.worker.tier import Tier
 
 log = logging.getLogger("cachefs.worker.store")
 
 #: When an allocation fails, evict at most this many cold entries before clearing a whole slab.
 _EVICT_SCAN = 64
-
-
-def checksum(data: bytes | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(data)
 
 
 @dataclass

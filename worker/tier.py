@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 
 from cachefs.errors import InvalidArgument, NoSpace
+from cachefs.meta import BLOCK_SIZE
 from cachefs.worker.eviction import LruPolicy
 from cachefs.worker.slab import SlabAllocator, Slot
 
-BLOCK_SIZE = 4 << 20
 #: Slabs as small as the largest object: a tier needs many more slabs than the size classes in
 #: use, or slab rebalancing churns (measured: 1 GiB of 64 MiB slabs kept 24 of 3,000 log-normal
 #: objects; of 4 MiB slabs, all of them). Small tiers (< 256 MiB) still churn; see docs.
