@@ -37,12 +37,19 @@ class Mounts:
 
     def embedded(self, uri: str, *args: str, name: str = "mnt") -> Path:
         state = self.tmp_path / f"state-{name}"
+        with self.tracking_tiers():
+            return self.mount(uri, "--state", str(state), "--mem", "256M", *args, name=name)
+
+    @contextlib.contextmanager
+    def tracking_tiers(self) -> Iterator[None]:
+        """RAM tiers made inside the block are removed at cleanup: a worker's RAM tier outlives
+        its process on purpose (a restart keeps the cache), a test's must not outlive the test,
+        or a run fills /dev/shm."""
         before = set(SHM.glob("cachefs-*"))
-        mountpoint = self.mount(uri, "--state", str(state), "--mem", "256M", *args, name=name)
-        # The worker's RAM tier outlives its process on purpose (a restart keeps the cache);
-        # a test's must not outlive the test, or a run fills /dev/shm.
-        self.shm_dirs |= set(SHM.glob("cachefs-*")) - before
-        return mountpoint
+        try:
+            yield
+        finally:
+            self.shm_dirs |= set(SHM.glob("cachefs-*")) - before
 
     def cleanup(self) -> None:
         for mountpoint in self.mountpoints:
