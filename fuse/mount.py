@@ -12,42 +12,30 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyfuse3
 import trio
 import xxhash
 
-from cachefs import metrics
 from cachefs.config import format_address
 from cachefs.errors import AlreadyExists, CacheFsError, InvalidArgument, NotFound
+from cachefs.fuse.client import (  # noqa: F401 (MountOptions: the CLI's import)
+    MountOptions,
+    fuse_options,
+    open_client,
+    start_serve_loops,
+)
 from cachefs.fuse.operations import CacheFsOperations
-from cachefs.fuse.reader import DataReader
-from cachefs.fuse.vfs import Vfs
-from cachefs.rpc import LocalClient, RpcClient
+from cachefs.fuse.serving import ServingHelpers, helper_spec
+from cachefs.rpc import LocalClient
 from cachefs.runtime import open_private, read_pid_file, runtime_dir, write_pid_file
-from cachefs.tls import TlsConfig
-from cachefs.ufs import RemoteStore, parse_uri
-from cachefs.workers import WorkerDirectory
+from cachefs.ufs import parse_uri
 
 log = logging.getLogger("cachefs.fuse.mount")
 
 EMBEDDED_DATASET = "embedded"
 READY_TIMEOUT = 120.0
-
-
-@dataclass
-class MountOptions:
-    entry_timeout: float = 3600.0
-    attr_timeout: float = 3600.0
-    op_timeout: float = 60.0
-    read_ahead_kb: int = 1024  # the mount's kernel readahead; 0 keeps the kernel's (128)
-    allow_other: bool = False  # other users may read the mount only on request
-    change_poll: float = 2.0  # seconds between polls for re-syncs
-    secret: bytes | None = None
-    secret_file: str | None = None  # where `secret` came from (printed for embedded mounts)
-    tls: TlsConfig | None = None  # cluster mounts; embedded mode stays on loopback
 
 
 def pid_file(mountpoint: Path) -> Path:
@@ -60,13 +48,6 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise InvalidArgument(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise AlreadyExists(f"{mountpoint} is already a mount point (busy)")
-
-
-def _fuse_options(opts: MountOptions) -> set[str]:
-    options = set(pyfuse3.default_options) | {"fsname=cachefs", "subtype=cachefs", "ro"}
-    if opts.allow_other:
-        options.add("allow_other")
-    return options
 
 
 async def serve_mount(
@@ -85,46 +66,15 @@ async def serve_mount(
     """
     check_mountpoint(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
-        if local:
-            master = LocalClient(local["master"], name="embedded master")
-        else:
-            master = await stack.enter_async_context(
-                RpcClient(master_address, secret=opts.secret, name="master", tls=opts.tls)
-            )
-        workers = await stack.enter_async_context(
-            WorkerDirectory(
-                functools.partial(master.call, "workers"), secret=opts.secret, tls=opts.tls
-            )
-        )
-        metrics.export_shortcircuit(workers.shortcircuit.counters)
-        if local:
-            worker = local["worker"]
-            workers.local[worker.store.worker_id] = LocalClient(worker, name="embedded worker")
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        await workers.update()
-        remote: list[RemoteStore] = []
-
-        async def direct() -> RemoteStore:
-            if not remote:
-                info = await master.call("dataset_spec", name=dataset)
-                remote.append(RemoteStore(info["uri"], info["options"]))
-            return remote[0]
-
-        vfs = Vfs(dataset, master, DataReader(dataset, workers, direct), nursery)
-        await vfs.start()
-        ops = CacheFsOperations(
-            vfs,
-            entry_timeout=opts.entry_timeout,
-            attr_timeout=opts.attr_timeout,
-            op_timeout=opts.op_timeout,
-        )
-        pyfuse3.init(ops, str(mountpoint), _fuse_options(opts))
+        ops, workers, nursery = await open_client(stack, dataset, master_address, opts, local)
+        pyfuse3.init(ops, str(mountpoint), fuse_options(opts))
         try:
-            nursery.start_soon(ops.watchdog.run)
-            nursery.start_soon(workers.run)
+            start_serve_loops(nursery, ops, workers, opts)
             if opts.read_ahead_kb:
                 nursery.start_soon(_set_read_ahead, ops, mountpoint, opts.read_ahead_kb)
-            nursery.start_soon(_watch_changes, ops, opts.change_poll)
+            if opts.procs > 1:
+                helpers = ServingHelpers(helper_spec(dataset, master_address, opts), opts.procs - 1)
+                nursery.start_soon(helpers.run, ops.initialized)
             log.info("dataset %s mounted on %s", dataset, mountpoint)
             task_status.started()
             await pyfuse3.main()
@@ -171,20 +121,6 @@ def set_read_ahead(mountpoint: Path, kb: int) -> None:
         log.info("readahead of %s set to %d KiB", mountpoint, kb)
     except OSError as exc:
         log.warning("cannot set the readahead of %s to %d KiB: %s", mountpoint, kb, exc)
-
-
-async def _watch_changes(ops: CacheFsOperations, interval: float) -> None:
-    """Applies re-syncs of the dataset to the kernel's caches; runs until cancelled."""
-    while True:
-        await trio.sleep(interval)
-        try:
-            changed = await ops.apply_changes()
-            if changed:
-                log.info("a re-sync changed %d entries; kernel caches invalidated", changed)
-        except CacheFsError as exc:
-            log.warning("cannot poll the master for changes: %s", exc.message)
-        except OSError as exc:  # the kernel refused an invalidation: keep serving
-            log.warning("cache invalidation failed: %s", exc)
 
 
 async def ensure_embedded_dataset(master, uri: str, options: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ remote store directly, so a dead worker costs latency, not errors.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -19,7 +20,8 @@ from cachefs.workers import WorkerDirectory
 log = logging.getLogger("cachefs.fuse.reader")
 
 READAHEAD_BLOCKS = 2
-HANDLE_BLOCKS = 4  # blocks a handle keeps (current + readahead)
+HANDLE_BLOCKS = 4  # blocks a file's reader keeps (current + readahead)
+MAX_READERS = 64  # files read at once per serving process; the least recently read go first
 
 
 class DataReader:
@@ -113,8 +115,35 @@ class DataReader:
         return cached, ranked[0]
 
 
+class FileReaders:
+    """The files being read, by inode (reads carry no handle: zero-message open).
+
+    Concurrent reads of a file share its reader (one fetch per block). A small file's reader
+    goes once a read reaches its end: the kernel's page cache has the bytes from then on.
+    """
+
+    def __init__(self, reader: DataReader, nursery: trio.Nursery):
+        self._reader = reader
+        self._nursery = nursery
+        self._readers: OrderedDict[int, FileReader] = OrderedDict()
+
+    async def read(self, ino: int, path: str, attr: Attr, offset: int, size: int) -> bytes:
+        file = self._readers.get(ino)
+        if file is None:
+            file = self._readers[ino] = FileReader(self._reader, path, attr, self._nursery)
+            if len(self._readers) > MAX_READERS:
+                self._readers.popitem(last=False)
+        else:
+            self._readers.move_to_end(ino)
+        data = await file.read(offset, size)
+        read_to_end = attr.size <= BLOCK_SIZE and offset + size >= attr.size
+        if read_to_end and self._readers.get(ino) is file:
+            del self._readers[ino]
+        return data
+
+
 class FileReader:
-    """Per open file: the whole file for small ones, a few blocks with readahead for large."""
+    """One file's reads: the whole file for small ones, a few blocks with readahead for large."""
 
     def __init__(self, reader: DataReader, path: str, attr: Attr, nursery: trio.Nursery):
         self.reader = reader
@@ -159,7 +188,8 @@ class FileReader:
         block = self._start(index)
         await block.done.wait()
         if block.error is not None:
-            del self._blocks[index]  # let the next read try again
+            if self._blocks.get(index) is block:  # let the next read try again
+                del self._blocks[index]
             raise block.error
         return block.data
 

@@ -1,15 +1,20 @@
-"""POSIX semantics of a read-only dataset view: inode table, lookups, handles. No pyfuse3 here.
+"""POSIX semantics of a read-only dataset view: inode table, lookups, reads. No pyfuse3 here.
 
 Inode numbers are the master's (stable across syncs and restarts); the FUSE layer maps only the
 root. Metadata is a snapshot, so what the master answered is cached without expiry; the kernel
 lookup counts decide when an inode's cached attributes may be dropped.
+
+Nothing is keyed by a per-process handle: files and directories are read by inode (the handle
+the kernel passes back *is* the inode, or 0 with zero-message open), so any serving process of
+a mount answers any request. An inode this process never looked up (another process did, or
+it was forgotten) is asked of the master, which knows it while it is in the snapshot.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -19,14 +24,17 @@ from cachefs.errors import (
     IsADirectory,
     NoAttribute,
     NotADirectory,
+    NotFound,
     ReadOnly,
     Unavailable,
 )
-from cachefs.fuse.reader import DataReader, FileReader
+from cachefs.fuse.reader import DataReader, FileReaders
 from cachefs.meta import Attr
 from cachefs.rpc import RpcClient
 
 READDIR_PAGE = 1000
+BORROWED_INODES = 65536  # inodes asked of the master by number (LRU): another process's lookups
+LISTINGS = 64  # directory listings kept (LRU), each paged in from the master as read
 XATTR_CACHED = "user.cachefs.cached"
 XATTR_OWNER = "user.cachefs.owner"
 XATTRS = (XATTR_CACHED, XATTR_OWNER)
@@ -50,8 +58,7 @@ class Changes:
 
 
 @dataclass
-class _DirHandle:
-    ino: int
+class _Listing:
     entries: list[tuple[str, Attr]] = field(default_factory=list)
     complete: bool = False
 
@@ -62,11 +69,12 @@ class Vfs:
         self.master = master
         self.reader = reader
         self._nursery = nursery
-        self._inodes: dict[int, _Inode] = {}
+        self._inodes: dict[int, _Inode] = {}  # what the kernel looked up through this process
+        self._borrowed: OrderedDict[int, _Inode] = OrderedDict()
         # Every (parent, name) -> attr the master answered: the fallback while it is down.
         self._known_entries: dict[tuple[int, str], Attr] = {}
-        self._handles: dict[int, FileReader | _DirHandle] = {}
-        self._fh = itertools.count(1)
+        self._listings: OrderedDict[int, _Listing] = OrderedDict()
+        self._files = FileReaders(reader, nursery)
         self.root: Attr | None = None
         self.generation = 0
 
@@ -99,6 +107,7 @@ class Vfs:
             if parent in self._inodes and parent not in out.inodes:
                 out.inodes.append(parent)
         for ino in out.inodes:
+            self._listings.pop(ino, None)
             node = self._inodes[ino]
             try:
                 node.attr = Attr.from_wire(
@@ -106,23 +115,41 @@ class Vfs:
                 )
             except CacheFsError:  # removed: the kernel forgets it once its entry is dropped
                 pass
+        self._borrowed.clear()
         self.generation = reply["generation"]
         return out
 
     # ---- metadata ------------------------------------------------------------------------
 
-    def _known(self, ino: int) -> _Inode:
-        node = self._inodes.get(ino)
+    async def _known(self, ino: int) -> _Inode:
+        node = self._inodes.get(ino) or self._borrowed.get(ino)
         if node is None:
-            raise CacheFsError(f"inode {ino} is not known to the client", errno=errno.ESTALE)
+            node = await self._borrow(ino)
         return node
 
-    def _remember(self, attr: Attr, parent: int, name: str) -> Attr:
+    async def _borrow(self, ino: int) -> _Inode:
+        """An inode the kernel got from another serving process (or this one forgot)."""
+        try:
+            attr = Attr.from_wire(
+                await self.master.call("getattr", dataset=self.dataset, ino=ino)
+            )
+            path = await self.master.call("path_of", dataset=self.dataset, ino=ino)
+        except NotFound:
+            raise CacheFsError(
+                f"inode {ino} is no longer in the dataset", errno=errno.ESTALE
+            ) from None
+        node = self._borrowed[ino] = _Inode(attr, path)
+        if len(self._borrowed) > BORROWED_INODES:
+            self._borrowed.popitem(last=False)
+        return node
+
+    def _remember(self, attr: Attr, parent: _Inode, parent_ino: int, name: str) -> Attr:
+        """Counts one kernel lookup of `name` in `parent`."""
         node = self._inodes.get(attr.ino)
         if node is None:
-            parent_path = self._inodes[parent].path
+            parent_path = parent.path
             path = f"{parent_path}/{name}" if parent_path else name
-            node = self._inodes[attr.ino] = _Inode(attr, path, parent, name)
+            node = self._inodes[attr.ino] = _Inode(attr, path, parent_ino, name)
         else:  # a directory keeps its inode across syncs; its bits and mtime may have moved
             node.attr = attr
         node.lookups += 1
@@ -130,7 +157,7 @@ class Vfs:
 
     async def lookup(self, parent: int, name: str) -> Attr:
         """The child `name` of directory `parent`; counts one kernel lookup."""
-        parent_node = self._known(parent)
+        parent_node = await self._known(parent)
         if not parent_node.attr.is_dir:
             raise NotADirectory(f"{parent_node.path or '/'} is not a directory")
         try:
@@ -145,10 +172,10 @@ class Vfs:
                 raise
         else:
             self._known_entries[(parent, name)] = attr
-        return self._remember(attr, parent, name)
+        return self._remember(attr, parent_node, parent, name)
 
     async def getattr(self, ino: int) -> Attr:
-        return self._known(ino).attr
+        return (await self._known(ino)).attr
 
     def forget(self, items: list[tuple[int, int]]) -> None:
         for ino, count in items:
@@ -159,78 +186,83 @@ class Vfs:
             if node.lookups <= 0 and ino != self.root.ino:
                 del self._inodes[ino]
 
-    def path_of(self, ino: int) -> str:
-        return self._known(ino).path
-
     # ---- directories ---------------------------------------------------------------------
 
     async def opendir(self, ino: int) -> int:
-        if not self._known(ino).attr.is_dir:
-            raise NotADirectory("not a directory")
-        fh = next(self._fh)
-        self._handles[fh] = _DirHandle(ino)
-        return fh
+        """The directory's handle: its inode (listings are kept by inode, not per handle).
 
-    async def readdir(self, fh: int, start: int) -> list[tuple[str, Attr, int]]:
+        An open starts from a fresh listing, as the master has it now; the reads that follow
+        page it in, in whichever serving process the kernel sends them to.
+        """
+        if not (await self._known(ino)).attr.is_dir:
+            raise NotADirectory("not a directory")
+        self._listings.pop(ino, None)
+        return ino
+
+    async def readdir(self, ino: int, start: int) -> list[tuple[str, Attr, int]]:
         """Entries from position `start` on, each with the position after it (a page at most)."""
-        handle = self._handles[fh]
-        assert isinstance(handle, _DirHandle)
-        while start >= len(handle.entries) and not handle.complete:
-            after = handle.entries[-1][0] if handle.entries else None
+        listing = self._listings.get(ino)
+        if listing is None:
+            listing = self._listings[ino] = _Listing()
+            if len(self._listings) > LISTINGS:
+                self._listings.popitem(last=False)
+        self._listings.move_to_end(ino)
+        while start >= len(listing.entries) and not listing.complete:
+            after = listing.entries[-1][0] if listing.entries else None
             reply = await self.master.call(
-                "readdir", dataset=self.dataset, ino=handle.ino, after=after, limit=READDIR_PAGE
+                "readdir", dataset=self.dataset, ino=ino, after=after, limit=READDIR_PAGE
             )
-            handle.entries.extend((name, Attr.from_wire(a)) for name, a in reply["entries"])
-            handle.complete = not reply["more"]
-        page = handle.entries[start : start + READDIR_PAGE]
+            listing.entries.extend((name, Attr.from_wire(a)) for name, a in reply["entries"])
+            listing.complete = not reply["more"]
+        page = listing.entries[start : start + READDIR_PAGE]
         return [(name, attr, start + i + 1) for i, (name, attr) in enumerate(page)]
 
-    def readdir_accepted(self, fh: int, name: str, attr: Attr) -> None:
+    def readdir_accepted(self, ino: int, name: str, attr: Attr) -> None:
         """The kernel took an entry with attributes (readdirplus): that counts as a lookup."""
-        handle = self._handles[fh]
-        self._known_entries[(handle.ino, name)] = attr
-        self._remember(attr, handle.ino, name)
+        self._known_entries[(ino, name)] = attr
+        parent = self._inodes.get(ino) or self._borrowed.get(ino)
+        if parent is not None:  # else the entry is borrowed from the master when asked for
+            self._remember(attr, parent, ino, name)
 
-    def releasedir(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+    def releasedir(self, ino: int) -> None:
+        """Nothing to free: the listing stays for the next reader of the directory (LRU)."""
 
     # ---- files ---------------------------------------------------------------------------
 
     async def open(self, ino: int, flags: int) -> int:
+        """Checks an open; the handle is the inode (reads are by inode, any process serves)."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
             raise ReadOnly("cachefs mounts are read-only")
-        node = self._known(ino)
+        node = await self._known(ino)
         if node.attr.is_dir:
             raise IsADirectory(f"{node.path} is a directory")
-        fh = next(self._fh)
-        self._handles[fh] = FileReader(self.reader, node.path, node.attr, self._nursery)
-        return fh
+        return ino
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
-        handle = self._handles.get(fh)
-        if not isinstance(handle, FileReader):
-            raise CacheFsError("bad file handle", errno=errno.EBADF)
-        return await handle.read(offset, size)
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        node = await self._known(ino)
+        if node.attr.is_dir:
+            raise IsADirectory(f"{node.path} is a directory")
+        return await self._files.read(ino, node.path, node.attr, offset, size)
 
-    def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+    def release(self, ino: int) -> None:
+        """Nothing to free: readers are per inode and bounded (fuse/reader.py)."""
 
     # ---- the rest ------------------------------------------------------------------------
 
     async def statfs(self) -> dict:
         return await self.master.call("statfs", dataset=self.dataset)
 
-    def listxattr(self, ino: int) -> list[str]:
-        return [] if self._known(ino).attr.is_dir else list(XATTRS)
+    async def listxattr(self, ino: int) -> list[str]:
+        return [] if (await self._known(ino)).attr.is_dir else list(XATTRS)
 
     async def getxattr(self, ino: int, name: str) -> bytes:
-        node = self._known(ino)
+        node = await self._known(ino)
         if node.attr.is_dir or name not in XATTRS:
             raise NoAttribute(f"no attribute {name}")
         cached, owner = await self.reader.cached_bytes(node.path, node.attr)
         return str(cached if name == XATTR_CACHED else owner or "").encode()
 
-    def access(self, ino: int, mode: int) -> None:
-        self._known(ino)
+    async def access(self, ino: int, mode: int) -> None:
+        await self._known(ino)
         if mode & os.W_OK:
             raise ReadOnly("cachefs mounts are read-only")

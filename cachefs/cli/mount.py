@@ -36,6 +36,8 @@ from cachefs.credentials import client_secret, server_secret
 @click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
 @click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(min=0),
               help="kernel readahead of the mount, KiB (0: the kernel's default)")  # fmt: skip
+@click.option("--procs", type=click.IntRange(min=1), default=None,
+              help="serving processes of the mount [default: cores, at most 4]")  # fmt: skip
 @click.option("--allow-other", is_flag=True, help="let other users read the mount")
 @secret_option
 @metrics_option
@@ -53,6 +55,7 @@ def mount(
     attr_timeout,
     op_timeout,
     read_ahead_kb,
+    procs,
     allow_other,
     secret_file,
     metrics,
@@ -63,6 +66,7 @@ def mount(
     --master, a dataset name. Returns once the mount answers, unless --foreground.
     """
     from cachefs.fuse import mount as mounting
+    from cachefs.fuse.serving import default_procs
 
     mountpoint_path = Path(mountpoint).resolve()
     mounting.check_mountpoint(mountpoint_path)
@@ -94,6 +98,7 @@ def mount(
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
         read_ahead_kb=read_ahead_kb, allow_other=allow_other, secret=secret,
+        procs=procs or default_procs(),
         secret_file=str(secret_path.resolve()) if secret_path else None,
         tls=None if embedded else current_tls(),
     )  # fmt: skip

@@ -1,0 +1,175 @@
+"""Several serving processes per mount (`--procs N`): one kernel connection, N Python processes.
+
+One Python process tops out at one core, mostly in pyfuse3 and trio (benchmarks/results.md).
+The first process mounts and answers FUSE_INIT; then it starts N-1 helpers (`python -m
+cachefs.fuse.serving`) that serve the same connection:
+
+- Each helper inherits the first process's /dev/fuse descriptor: one open file shared by all,
+  so a request taken by a process that dies stays on the connection (a clone would fail it
+  with ECONNABORTED when the dead process's descriptor closes). The descriptor is
+  non-blocking: every process wakes when a request arrives, all but one find nothing to read
+  (EAGAIN, which the patched pyfuse3 ignores).
+- libfuse serves only after it has seen FUSE_INIT; the patched pyfuse3's `attach()` feeds the
+  helper's libfuse a copy (the kernel drops its reply: no request has that id).
+- Every process is stateless over the master's metadata (fuse/vfs.py reads by inode and asks
+  the master for inodes it has not seen), so any process answers any request.
+- When a helper dies, the requests it had taken would wait forever: the first process asks
+  the kernel to queue them again (FUSE_NOTIFY_RESEND, Linux 6.9+; reads are idempotent) and
+  starts a new helper. A helper does the same if the first process dies, and keeps serving.
+
+The first process stays the oldest; the helpers are its children and end with the mount.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import json
+import logging
+import os
+import struct
+import sys
+
+import pyfuse3
+import trio
+
+from cachefs.config import format_address, parse_address
+from cachefs.fuse.client import MountOptions, fuse_options, open_client, start_serve_loops
+from cachefs.tls import TlsConfig
+
+log = logging.getLogger("cachefs.fuse.serving")
+
+FUSE_NOTIFY_RESEND = 7  # include/uapi/linux/fuse.h
+RESTART_DELAY = 1.0  # a helper that dies at once must not spin
+MAX_DEFAULT_PROCS = 4
+
+
+def default_procs() -> int:
+    """Serving processes when not told: one per core, at most 4."""
+    return max(1, min(MAX_DEFAULT_PROCS, os.cpu_count() or 1))
+
+
+def can_share_connection() -> bool:
+    """True when pyfuse3 carries cachefs's patch (scripts/pyfuse3-3.5.0.patch)."""
+    return hasattr(pyfuse3, "attach") and hasattr(pyfuse3, "session_fd_number")
+
+
+def resend_pending(fd: int) -> bool:
+    """Makes the kernel queue again every request taken by a process but not answered."""
+    try:
+        os.write(fd, struct.pack("<IiQ", 16, FUSE_NOTIFY_RESEND, 0))
+        return True
+    except OSError as exc:  # unmounted meanwhile (ENODEV), or a kernel before 6.9
+        log.warning("cannot ask the kernel to resend pending requests: %s", exc)
+        return False
+
+
+def helper_spec(dataset: str, master_address, opts: MountOptions) -> dict:
+    """What a helper needs to serve like the first process (sent over a pipe, never argv)."""
+    tls = opts.tls
+    return {
+        "dataset": dataset,
+        "master": format_address(master_address),
+        "secret": opts.secret.hex() if opts.secret else None,
+        "tls": None if tls is None else {
+            "cert": tls.cert, "key": tls.key, "ca": tls.ca, "check_hostname": tls.check_hostname
+        },  # fmt: skip
+        "entry_timeout": opts.entry_timeout,
+        "attr_timeout": opts.attr_timeout,
+        "op_timeout": opts.op_timeout,
+        "change_poll": opts.change_poll,
+        "allow_other": opts.allow_other,
+        "log_level": logging.getLogger().getEffectiveLevel(),
+    }
+
+
+class ServingHelpers:
+    """The first process's helper processes: started once FUSE_INIT is answered, replaced
+    when one dies; cancelling `run` stops them."""
+
+    def __init__(self, spec: dict, count: int):
+        self.spec = spec
+        self.count = count
+        self.pids: set[int] = set()
+        self.restarts = 0
+
+    async def run(self, initialized: trio.Event) -> None:
+        if not can_share_connection():
+            log.warning("pyfuse3 lacks cachefs's patch (scripts/setup.sh): serving in 1 process")
+            return
+        await initialized.wait()
+        fd = pyfuse3.session_fd_number()
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        payload = json.dumps({**self.spec, "fd": fd, "first_pid": os.getpid()}).encode()
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.count):
+                nursery.start_soon(self._keep_one, fd, payload)
+
+    async def _keep_one(self, fd: int, payload: bytes) -> None:
+        command = [sys.executable, "-m", "cachefs.fuse.serving"]
+        while True:
+            async with trio.open_nursery() as nursery:
+                process = await nursery.start(
+                    functools.partial(
+                        trio.run_process, command, stdin=payload, check=False, pass_fds=(fd,)
+                    )
+                )
+                self.pids.add(process.pid)
+            self.pids.discard(process.pid)
+            if process.returncode == 0:  # the mount is gone: the helper ended with it
+                return
+            log.warning("serving process %d ended (%s)", process.pid, process.returncode)
+            if not resend_pending(fd):
+                return
+            self.restarts += 1
+            await trio.sleep(RESTART_DELAY)
+
+
+async def _resend_when_gone(pid: int, fd: int) -> None:
+    """If the first process dies, its unanswered requests are queued again for the others."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    log.warning("the mount's first process %d ended; resending its requests", pid)
+    resend_pending(fd)
+
+
+async def serve_helper(spec: dict) -> None:
+    """A helper's life: the same client as the first process, on the inherited connection."""
+    import contextlib
+
+    tls = TlsConfig.from_files(**spec["tls"]) if spec["tls"] else None
+    opts = MountOptions(
+        entry_timeout=spec["entry_timeout"], attr_timeout=spec["attr_timeout"],
+        op_timeout=spec["op_timeout"], change_poll=spec["change_poll"],
+        allow_other=spec["allow_other"], tls=tls,
+        secret=bytes.fromhex(spec["secret"]) if spec["secret"] else None,
+    )  # fmt: skip
+    fd = spec["fd"]
+    async with contextlib.AsyncExitStack() as stack:
+        master = parse_address(spec["master"])
+        ops, workers, nursery = await open_client(stack, spec["dataset"], master, opts)
+        pyfuse3.attach(ops, fd, fuse_options(opts))
+        try:
+            start_serve_loops(nursery, ops, workers, opts)
+            nursery.start_soon(_resend_when_gone, spec["first_pid"], fd)
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=False)
+            nursery.cancel_scope.cancel()
+
+
+def main() -> None:
+    spec = json.loads(sys.stdin.buffer.read())
+    logging.basicConfig(
+        level=spec["log_level"],
+        format=f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    trio.run(serve_helper, spec)
+
+
+if __name__ == "__main__":
+    main()
