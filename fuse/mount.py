@@ -85,7 +85,7 @@ async def serve_mount(
 
 
 def mount_device(mountinfo: str, mountpoint: Path) -> str | None:
-    """"major:minor" of the mount on `mountpoint` in /proc/self/mountinfo text (the last one)."""
+    """ "major:minor" of the mount on `mountpoint` in /proc/self/mountinfo text (the last one)."""
     # Fields: id, parent id, major:minor, root, mount point, ...; the mount point has space,
     # tab, newline and backslash octal-escaped.
     escaped = str(mountpoint)

@@ -71,8 +71,13 @@ def helper_spec(dataset: str, master_address, opts: MountOptions) -> dict:
         "dataset": dataset,
         "master": format_address(master_address),
         "secret": opts.secret.hex() if opts.secret else None,
-        "tls": None if tls is None else {
-            "cert": tls.cert, "key": tls.key, "ca": tls.ca, "check_hostname": tls.check_hostname
+        "tls": None
+        if tls is None
+        else {
+            "cert": tls.cert,
+            "key": tls.key,
+            "ca": tls.ca,
+            "check_hostname": tls.check_hostname,
         },  # fmt: skip
         "entry_timeout": opts.entry_timeout,
         "attr_timeout": opts.attr_timeout,

@@ -130,9 +130,7 @@ class Vfs:
     async def _borrow(self, ino: int) -> _Inode:
         """An inode the kernel got from another serving process (or this one forgot)."""
         try:
-            attr = Attr.from_wire(
-                await self.master.call("getattr", dataset=self.dataset, ino=ino)
-            )
+            attr = Attr.from_wire(await self.master.call("getattr", dataset=self.dataset, ino=ino))
             path = await self.master.call("path_of", dataset=self.dataset, ino=ino)
         except NotFound:
             raise CacheFsError(
