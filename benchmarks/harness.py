@@ -228,6 +228,16 @@ def file_reader(root: Path) -> Callable[[str], bytes]:
     return read
 
 
+def unbuffered_file_reader(root: Path) -> Callable[[str], bytes]:
+    """open(..., buffering=0) read until EOF: the kernel sees exactly what the reader asks."""
+
+    def read(rel: str) -> bytes:
+        with open(root / rel, "rb", buffering=0) as f:
+            return f.readall()
+
+    return read
+
+
 def s3_reader(endpoint: str, bucket: str, prefix: str) -> Callable[[str], bytes]:
     """pyarrow reads of the store: a HEAD and a GET per file (what a cachefs worker does)."""
     fs = pyarrow_s3(endpoint)
@@ -284,6 +294,79 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+class FuseRequestTrace:
+    """Counts the requests the kernel sends to one FUSE connection (tracepoint
+    fuse:fuse_request_send), in a tracing instance of its own: other tracing on the machine is
+    untouched, and the filter on the connection leaves out other FUSE mounts (a test suite's).
+
+    `unavailable` says why nothing can be counted (no tracefs, no fuse events, not root);
+    then start/stop do nothing and stop returns None.
+    """
+
+    ROOT = Path("/sys/kernel/tracing")
+    BUFFER_KB = 65536  # per CPU: far more than a pass of 20,000 files sends
+
+    def __init__(self, name: str):
+        self.unavailable: str | None = None
+        self.instance: Path | None = None
+        self._mounted_tracefs = False
+        try:
+            if not (self.ROOT / "events").exists():
+                subprocess.run(
+                    ["mount", "-t", "tracefs", "nodev", str(self.ROOT)],
+                    capture_output=True, check=True,
+                )  # fmt: skip
+                self._mounted_tracefs = True
+            if not (self.ROOT / "events" / "fuse" / "fuse_request_send").exists():
+                raise OSError("the kernel has no fuse:fuse_request_send tracepoint")
+            self.instance = self.ROOT / "instances" / name
+            self.instance.mkdir()
+            (self.instance / "buffer_size_kb").write_text(f"{self.BUFFER_KB}\n")
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.unavailable = f"tracefs unavailable: {exc}"
+            self.close()
+
+    @property
+    def _event(self) -> Path:
+        return self.instance / "events" / "fuse" / "fuse_request_send"
+
+    def start(self, mountpoint: Path) -> None:
+        if self.unavailable:
+            return
+        dev = os.stat(mountpoint).st_dev
+        connection = (os.major(dev) << 20) | os.minor(dev)  # the kernel's dev_t encoding
+        (self._event / "filter").write_text(f"connection == {connection}\n")
+        (self.instance / "trace").write_text("")  # clears the buffer and its overrun counters
+        (self._event / "enable").write_text("1\n")
+
+    def stop(self) -> Counter | None:
+        """Requests by opcode ("READ", "LOOKUP", ...) since start; raises if any were lost."""
+        if self.unavailable:
+            return None
+        (self._event / "enable").write_text("0\n")
+        text = (self.instance / "trace").read_text()
+        written = re.search(r"entries-in-buffer/entries-written: (\d+)/(\d+)", text)
+        lost = sum(
+            int(n)
+            for stats in self.instance.glob("per_cpu/cpu*/stats")
+            for n in re.findall(r"^(?:overrun|commit overrun|dropped events): (\d+)$",
+                                stats.read_text(), re.M)
+        )  # fmt: skip
+        if lost or (written and written.group(1) != written.group(2)):
+            raise RuntimeError(f"the FUSE request trace lost events ({lost}; raise BUFFER_KB)")
+        return Counter(op.removeprefix("FUSE_") for op in re.findall(r"opcode \d+ \((\w+)\)", text))
+
+    def close(self) -> None:
+        if self.instance is not None and self.instance.exists():
+            with contextlib.suppress(OSError):
+                (self._event / "enable").write_text("0\n")
+            with contextlib.suppress(OSError):
+                self.instance.rmdir()
+        if self._mounted_tracefs:
+            subprocess.run(["umount", str(self.ROOT)], capture_output=True, check=False)
+            self._mounted_tracefs = False
 
 
 # --- processes ----------------------------------------------------------------------------------
