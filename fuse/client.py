@@ -10,12 +10,14 @@ import contextlib
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
 
 from cachefs import metrics
 from cachefs.errors import CacheFsError
+from cachefs.fuse.metacache import MetaCache
 from cachefs.fuse.operations import CacheFsOperations
 from cachefs.fuse.reader import DataReader
 from cachefs.fuse.vfs import Vfs
@@ -53,14 +55,20 @@ async def open_client(
     dataset: str,
     master_address,
     opts: MountOptions,
+    meta_path: Path,
+    *,
+    first: bool,
     local: dict | None = None,
 ) -> tuple[CacheFsOperations, WorkerDirectory, trio.Nursery]:
     """The Operations of one serving process, with what they need entered on `stack`.
 
+    `meta_path` is the mount's shared metadata cache; the `first` process starts it empty.
     `local` holds in-process services (embedded mode): "master" and "worker" are then called
     directly instead of over loopback RPC. The nursery is the client's: readahead fetches and
-    the background loops of `serve_loops` run there.
+    the background loops of `start_serve_loops` run there.
     """
+    meta = MetaCache(meta_path, fresh=first)
+    stack.callback(meta.close)
     if local:
         master = LocalClient(local["master"], name="embedded master")
     else:
@@ -84,7 +92,7 @@ async def open_client(
             remote.append(RemoteStore(info["uri"], info["options"]))
         return remote[0]
 
-    vfs = Vfs(dataset, master, DataReader(dataset, workers, direct), nursery)
+    vfs = Vfs(dataset, master, DataReader(dataset, workers, direct), nursery, meta)
     await vfs.start()
     ops = CacheFsOperations(
         vfs,

@@ -66,14 +66,18 @@ async def serve_mount(
     """
     check_mountpoint(mountpoint)
     async with contextlib.AsyncExitStack() as stack:
-        ops, workers, nursery = await open_client(stack, dataset, master_address, opts, local)
+        meta_path = pid_file(mountpoint).with_suffix(".meta")
+        ops, workers, nursery = await open_client(
+            stack, dataset, master_address, opts, meta_path, first=True, local=local
+        )
         pyfuse3.init(ops, str(mountpoint), fuse_options(opts))
         try:
             start_serve_loops(nursery, ops, workers, opts)
             if opts.read_ahead_kb:
                 nursery.start_soon(_set_read_ahead, ops, mountpoint, opts.read_ahead_kb)
             if opts.procs > 1:
-                helpers = ServingHelpers(helper_spec(dataset, master_address, opts), opts.procs - 1)
+                spec = helper_spec(dataset, master_address, opts, meta_path)
+                helpers = ServingHelpers(spec, opts.procs - 1)
                 nursery.start_soon(helpers.run, ops.initialized)
             log.info("dataset %s mounted on %s", dataset, mountpoint)
             task_status.started()

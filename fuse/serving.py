@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import sys
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -64,11 +65,12 @@ def resend_pending(fd: int) -> bool:
         return False
 
 
-def helper_spec(dataset: str, master_address, opts: MountOptions) -> dict:
+def helper_spec(dataset: str, master_address, opts: MountOptions, meta_path: Path) -> dict:
     """What a helper needs to serve like the first process (sent over a pipe, never argv)."""
     tls = opts.tls
     return {
         "dataset": dataset,
+        "meta": str(meta_path),
         "master": format_address(master_address),
         "secret": opts.secret.hex() if opts.secret else None,
         "tls": None
@@ -156,7 +158,9 @@ async def serve_helper(spec: dict) -> None:
     fd = spec["fd"]
     async with contextlib.AsyncExitStack() as stack:
         master = parse_address(spec["master"])
-        ops, workers, nursery = await open_client(stack, spec["dataset"], master, opts)
+        ops, workers, nursery = await open_client(
+            stack, spec["dataset"], master, opts, Path(spec["meta"]), first=False
+        )
         pyfuse3.attach(ops, fd, fuse_options(opts))
         try:
             start_serve_loops(nursery, ops, workers, opts)

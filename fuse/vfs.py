@@ -7,7 +7,8 @@ lookup counts decide when an inode's cached attributes may be dropped.
 Nothing is keyed by a per-process handle: files and directories are read by inode (the handle
 the kernel passes back *is* the inode, or 0 with zero-message open), so any serving process of
 a mount answers any request. An inode this process never looked up (another process did, or
-it was forgotten) is asked of the master, which knows it while it is in the snapshot.
+it was forgotten) is found in the mount's shared metadata cache (fuse/metacache.py), or asked
+of the master, which knows it while it is in the snapshot.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from cachefs.errors import (
     ReadOnly,
     Unavailable,
 )
+from cachefs.fuse.metacache import MetaCache
 from cachefs.fuse.reader import DataReader, FileReaders
 from cachefs.meta import Attr
 from cachefs.rpc import RpcClient
 
 READDIR_PAGE = 1000
-BORROWED_INODES = 65536  # inodes asked of the master by number (LRU): another process's lookups
 LISTINGS = 64  # directory listings kept (LRU), each paged in from the master as read
 XATTR_CACHED = "user.cachefs.cached"
 XATTR_OWNER = "user.cachefs.owner"
@@ -64,15 +65,22 @@ class _Listing:
 
 
 class Vfs:
-    def __init__(self, dataset: str, master: RpcClient, reader: DataReader, nursery: trio.Nursery):
+    def __init__(
+        self,
+        dataset: str,
+        master: RpcClient,
+        reader: DataReader,
+        nursery: trio.Nursery,
+        meta: MetaCache,
+    ):
         self.dataset = dataset
         self.master = master
         self.reader = reader
         self._nursery = nursery
         self._inodes: dict[int, _Inode] = {}  # what the kernel looked up through this process
-        self._borrowed: OrderedDict[int, _Inode] = OrderedDict()
-        # Every (parent, name) -> attr the master answered: the fallback while it is down.
-        self._known_entries: dict[tuple[int, str], Attr] = {}
+        # Every entry any serving process of the mount learned: the fallback while the master
+        # is down, and where a process finds inodes another one looked up.
+        self.meta = meta
         self._listings: OrderedDict[int, _Listing] = OrderedDict()
         self._files = FileReaders(reader, nursery)
         self.root: Attr | None = None
@@ -87,66 +95,71 @@ class Vfs:
     async def poll_changes(self) -> Changes:
         """Picks up re-syncs: refreshes cached attributes and says what the kernel must drop.
 
-        Handles already open keep the attributes (so the version) they opened with.
+        Handles already open keep the attributes (so the version) they opened with. Every
+        serving process polls: each drops what it looked up (the shared cache drops once).
         """
         reply = await self.master.call("changes", dataset=self.dataset, since=self.generation)
         out = Changes()
         if reply["generation"] == self.generation:
             return out
         if reply["complete"]:
-            touched = {(parent, name, ino) for parent, name, ino in reply["changes"]}
-            for parent, name, _ in touched:
-                self._known_entries.pop((parent, name), None)
+            touched = {(parent, name) for parent, name, _ in reply["changes"]}
+            self.meta.drop(sorted(touched))
         else:  # the log does not reach back: everything cached is suspect
-            touched = {(n.parent, n.name, ino) for ino, n in self._inodes.items() if n.parent}
-            self._known_entries.clear()
-        for parent, name, _old_ino in touched:
+            touched = {(n.parent, n.name) for n in self._inodes.values() if n.parent}
+            touched.update(self.meta.entries())
+            self.meta.clear()
+        for parent, name in sorted(touched):
             # The entry is dropped (the next lookup finds the new inode), and the directory's
             # attributes and listing; the old inode's pages stay for handles already open.
             out.entries.append((parent, name))
-            if parent in self._inodes and parent not in out.inodes:
+            if parent not in out.inodes and (parent in self._inodes or self.meta.inode(parent)):
                 out.inodes.append(parent)
         for ino in out.inodes:
             self._listings.pop(ino, None)
-            node = self._inodes[ino]
             try:
-                node.attr = Attr.from_wire(
+                attr = Attr.from_wire(
                     await self.master.call("getattr", dataset=self.dataset, ino=ino)
                 )
             except CacheFsError:  # removed: the kernel forgets it once its entry is dropped
-                pass
-        self._borrowed.clear()
+                continue
+            if ino in self._inodes:
+                self._inodes[ino].attr = attr
+            self.meta.update_attr(attr)
         self.generation = reply["generation"]
         return out
 
     # ---- metadata ------------------------------------------------------------------------
 
     async def _known(self, ino: int) -> _Inode:
-        node = self._inodes.get(ino) or self._borrowed.get(ino)
-        if node is None:
-            node = await self._borrow(ino)
-        return node
+        node = self._inodes.get(ino)
+        if node is not None:
+            return node
+        shared = self.meta.inode(ino)  # looked up by another serving process, or forgotten
+        if shared is not None:
+            attr, path, parent, name = shared
+            return _Inode(attr, path, parent, name)
+        return await self._borrow(ino)
 
     async def _borrow(self, ino: int) -> _Inode:
-        """An inode the kernel got from another serving process (or this one forgot)."""
+        """An inode no process of this mount has seen (e.g. it was dropped by a re-sync)."""
         try:
-            attr = Attr.from_wire(await self.master.call("getattr", dataset=self.dataset, ino=ino))
+            attr = Attr.from_wire(
+                await self.master.call("getattr", dataset=self.dataset, ino=ino)
+            )
             path = await self.master.call("path_of", dataset=self.dataset, ino=ino)
         except NotFound:
             raise CacheFsError(
                 f"inode {ino} is no longer in the dataset", errno=errno.ESTALE
             ) from None
-        node = self._borrowed[ino] = _Inode(attr, path)
-        if len(self._borrowed) > BORROWED_INODES:
-            self._borrowed.popitem(last=False)
-        return node
+        self.meta.remember_inode(path, attr)
+        return _Inode(attr, path)
 
     def _remember(self, attr: Attr, parent: _Inode, parent_ino: int, name: str) -> Attr:
         """Counts one kernel lookup of `name` in `parent`."""
         node = self._inodes.get(attr.ino)
         if node is None:
-            parent_path = parent.path
-            path = f"{parent_path}/{name}" if parent_path else name
+            path = _child_path(parent.path, name)
             node = self._inodes[attr.ino] = _Inode(attr, path, parent_ino, name)
         else:  # a directory keeps its inode across syncs; its bits and mtime may have moved
             node.attr = attr
@@ -163,13 +176,13 @@ class Vfs:
                 await self.master.call("lookup", dataset=self.dataset, parent=parent, name=name)
             )
         except Unavailable:
-            # The master is down: answer from what it told us before (the snapshot), so files
-            # whose kernel entries expired stay readable.
-            attr = self._known_entries.get((parent, name))
+            # The master is down: answer from what it told the mount before (the snapshot), so
+            # files whose kernel entries expired stay readable.
+            attr = self.meta.entry(parent, name)
             if attr is None:
                 raise
         else:
-            self._known_entries[(parent, name)] = attr
+            self.meta.remember(parent, name, _child_path(parent_node.path, name), attr)
         return self._remember(attr, parent_node, parent, name)
 
     async def getattr(self, ino: int) -> Attr:
@@ -217,10 +230,14 @@ class Vfs:
 
     def readdir_accepted(self, ino: int, name: str, attr: Attr) -> None:
         """The kernel took an entry with attributes (readdirplus): that counts as a lookup."""
-        self._known_entries[(ino, name)] = attr
-        parent = self._inodes.get(ino) or self._borrowed.get(ino)
-        if parent is not None:  # else the entry is borrowed from the master when asked for
+        parent = self._inodes.get(ino)
+        if parent is not None:
+            self.meta.remember(ino, name, _child_path(parent.path, name), attr)
             self._remember(attr, parent, ino, name)
+        else:  # a directory another process looked up
+            shared = self.meta.inode(ino)
+            if shared is not None:
+                self.meta.remember(ino, name, _child_path(shared[1], name), attr)
 
     def releasedir(self, ino: int) -> None:
         """Nothing to free: the listing stays for the next reader of the directory (LRU)."""
@@ -264,3 +281,7 @@ class Vfs:
         await self._known(ino)
         if mode & os.W_OK:
             raise ReadOnly("cachefs mounts are read-only")
+
+
+def _child_path(parent_path: str, name: str) -> str:
+    return f"{parent_path}/{name}" if parent_path else name

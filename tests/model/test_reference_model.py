@@ -44,6 +44,7 @@ from hypothesis import strategies as st
 
 from cachefs.errors import CacheFsError
 from cachefs.fuse import vfs as vfs_module
+from cachefs.fuse.metacache import MetaCache
 from cachefs.fuse.reader import BLOCK_SIZE, DataReader
 from cachefs.fuse.vfs import Vfs
 from cachefs.master import namespace
@@ -777,7 +778,7 @@ async def _run_example(initial: list[Put], ops: list, tmp: Path) -> None:
                 await workers.update()
                 assert len(workers.workers) == 1, workers.workers
                 reader = DataReader(DATASET, workers, direct)
-                vfs = Vfs(DATASET, master, reader, client_nursery)
+                vfs = Vfs(DATASET, master, reader, client_nursery, MetaCache(tmp / "meta"))
                 await vfs.start()
                 harness = Harness(remote, master, vfs, reader)
                 try:
