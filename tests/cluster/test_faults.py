@@ -32,11 +32,13 @@ ALL = set(WORKERS)
 XATTR_OWNER = "user.cachefs.owner"
 
 
-def start(cluster, frames: Frames, *clients: str, **kwargs) -> tuple[Cluster, list[Path]]:
+def start(
+    cluster, frames: Frames, *clients: str, mount_args=(), **kwargs
+) -> tuple[Cluster, list[Path]]:
     """A started cluster with dataset "ds" registered and mounted on `clients` (default c1)."""
     c = cluster(**kwargs)
     c.add_dataset("ds", frames)
-    return c, [c.mount(client, "ds") for client in clients or ("c1",)]
+    return c, [c.mount(client, "ds", *mount_args) for client in clients or ("c1",)]
 
 
 def readers(mnt: Path, frames: Frames, seed: int = 0) -> Readers:
@@ -216,7 +218,9 @@ def test_worker_rejoins_with_its_disk_cache(cluster, frames, tmp_path):
     """A worker with a DISK tier is killed, dropped, restarted: it keeps its entries and serves
     them; the epoch after it rejoins makes no request to the store."""
     disk = ["--mem", "0", "--disk", str(tmp_path / "w1-disk"), "--disk-size", "256M"]
-    c, (mnt,) = start(cluster, frames, worker_args={"w1": disk})
+    # One serving process: each process refreshes its worker list on its own clock, and the
+    # owner xattr below speaks for the process that answers it.
+    c, (mnt,) = start(cluster, frames, mount_args=["--procs", "1"], worker_args={"w1": disk})
     loaded = c.cli("load", "ds")
     assert f"{len(frames.digests)}/{len(frames.digests)} files" in loaded.stdout, loaded.stdout
     assert c.store.total_gets() == len(frames.nonempty)  # each file with data fetched once
