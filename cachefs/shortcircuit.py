@@ -285,13 +285,27 @@ class ShortCircuit:
 
     # ---- reads ---------------------------------------------------------------------------
 
-    def read_sync(self, worker_id: str, token: dict, key: bytes) -> bytes | None:
-        """The verified bytes of `key` from a local worker's files, or None: use the RPC."""
+    def read_sync(
+        self, worker_id: str, token: dict, key: bytes, *, memory_only: bool = False
+    ) -> bytes | None:
+        """The verified bytes of `key` from a local worker's files, or None: use the RPC.
+
+        `memory_only`: only a RAM-tier object of at most INLINE_MAX bytes (no disk I/O, so an
+        event loop may call this inline); anything else, or a failed check, is None and not
+        counted.
+        """
         files = self._acquire(worker_id, token)
         if files is None:
             return None
         try:
             loc = files.lookup(key)
+            if memory_only:
+                if loc is None or loc.tier != "mem" or loc.length > INLINE_MAX:
+                    return None
+                data = files.fetch(loc)
+                # A failed check is not counted here: the caller's full path tries again and
+                # counts it (and then reads through the worker).
+                return None if data is None else self._count(files, loc, data)
             return self._count(files, loc, files.fetch(loc) if loc is not None else None)
         except (OSError, lmdb.Error, ValueError, TypeError, LookupError) as exc:
             return self._failure(worker_id, files, exc)

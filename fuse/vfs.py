@@ -72,6 +72,8 @@ class Vfs:
         reader: DataReader,
         nursery: trio.Nursery,
         meta: MetaCache,
+        *,
+        cached_lookups: bool = True,
     ):
         self.dataset = dataset
         self.master = master
@@ -81,6 +83,10 @@ class Vfs:
         # Every entry any serving process of the mount learned: the fallback while the master
         # is down, and where a process finds inodes another one looked up.
         self.meta = meta
+        # Names the mount knows are answered from `meta`, as of the snapshot it last polled
+        # (at most `change_poll` behind a re-sync, as the kernel's own entry cache is); False
+        # asks the master on every lookup (the reference model checks that contract).
+        self.cached_lookups = cached_lookups
         self._listings: OrderedDict[int, _Listing] = OrderedDict()
         self._files = FileReaders(reader, nursery)
         self.root: Attr | None = None
@@ -166,11 +172,23 @@ class Vfs:
         node.lookups += 1
         return node.attr
 
+    def lookup_now(self, parent: int, name: str) -> Attr | None:
+        """The fast path of `lookup`: a name the mount knows, answered without waiting."""
+        if not self.cached_lookups:
+            return None
+        parent_node = self._inodes.get(parent)
+        if parent_node is None or not parent_node.attr.is_dir:
+            return None
+        attr = self.meta.entry(parent, name)
+        return None if attr is None else self._remember(attr, parent_node, parent, name)
+
     async def lookup(self, parent: int, name: str) -> Attr:
         """The child `name` of directory `parent`; counts one kernel lookup."""
         parent_node = await self._known(parent)
         if not parent_node.attr.is_dir:
             raise NotADirectory(f"{parent_node.path or '/'} is not a directory")
+        if self.cached_lookups and (known := self.meta.entry(parent, name)) is not None:
+            return self._remember(known, parent_node, parent, name)
         try:
             attr = Attr.from_wire(
                 await self.master.call("lookup", dataset=self.dataset, parent=parent, name=name)
@@ -258,6 +276,20 @@ class Vfs:
         if node.attr.is_dir:
             raise IsADirectory(f"{node.path} is a directory")
         return await self._files.read(ino, node.path, node.attr, offset, size)
+
+    def read_now(self, ino: int, offset: int, size: int) -> bytes | None:
+        """The fast path: a small file cached in this host's RAM, answered without waiting."""
+        node = self._inodes.get(ino)
+        if node is None:
+            shared = self.meta.inode(ino)
+            if shared is None:
+                return None
+            attr, path = shared[0], shared[1]
+        else:
+            attr, path = node.attr, node.path
+        if attr.is_dir:
+            return None
+        return self.reader.read_now(path, attr, offset, size)
 
     def release(self, ino: int) -> None:
         """Nothing to free: readers are per inode and bounded (fuse/reader.py)."""

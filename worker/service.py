@@ -176,6 +176,16 @@ class WorkerService:
         (metrics.CACHE_HIT_BYTES if hit else metrics.CACHE_MISS_BYTES).inc(len(data))
         return Reply({"hit": hit}, data)
 
+    def read_now(self, dataset: str, key: bytes, size: int) -> bytes | None:
+        """A whole small object if it is in the RAM tier, without waiting (an in-process
+        client's fast path, embedded mode); None: use `read`."""
+        data = self.store.get_from_memory(key)
+        if data is None or len(data) != size:
+            return None
+        self.served.setdefault(dataset, [0, 0])[0] += size
+        metrics.CACHE_HIT_BYTES.inc(size)
+        return data
+
     async def rpc_prefetch(self, dataset: str, files: list) -> dict:
         """Warms the cache with whole files: files = [[path, size, mtime_ns, etag], ...].
 

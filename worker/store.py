@@ -150,6 +150,14 @@ class BlockStore:
             self._promote(key, loc, data)
         return data
 
+    def get_from_memory(self, key: bytes) -> bytes | None:
+        """`get` for an object in the RAM tier, else None: no disk I/O, so an event loop may
+        call it inline (the mount's fast path)."""
+        loc = self._locations.get(key)
+        if loc is None or loc.tier != "mem":
+            return None
+        return self.get(key)
+
     def touch(self, key: bytes) -> bool:
         """A hit seen elsewhere (a short-circuit read of the tier file): the LRU effect of `get`
         without reading the bytes; no promotion, which would cost a read and a write."""

@@ -778,7 +778,13 @@ async def _run_example(initial: list[Put], ops: list, tmp: Path) -> None:
                 await workers.update()
                 assert len(workers.workers) == 1, workers.workers
                 reader = DataReader(DATASET, workers, direct)
-                vfs = Vfs(DATASET, master, reader, client_nursery, MetaCache(tmp / "meta"))
+                # Every lookup asks the master: the model's contract is that a client sees a
+                # sync at once. Mounts answer known names from their cache until they poll
+                # (fuse/vfs.py); tests/fuse/test_load_and_sync.py checks that on real mounts.
+                vfs = Vfs(
+                    DATASET, master, reader, client_nursery, MetaCache(tmp / "meta"),
+                    cached_lookups=False,
+                )  # fmt: skip
                 await vfs.start()
                 harness = Harness(remote, master, vfs, reader)
                 try:
