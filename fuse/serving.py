@@ -46,8 +46,13 @@ MAX_DEFAULT_PROCS = 4
 
 
 def default_procs() -> int:
-    """Serving processes when not told: one per core, at most 4."""
-    return max(1, min(MAX_DEFAULT_PROCS, os.cpu_count() or 1))
+    """Serving processes when not told: one per two cores, at most 4.
+
+    Every request wakes every process of the mount (they wait on one descriptor) and all but
+    one find nothing: on 2 cores one process served a warm epoch 1.2-1.4x faster than two
+    (benchmarks/results.md), so small hosts get one.
+    """
+    return max(1, min(MAX_DEFAULT_PROCS, (os.cpu_count() or 1) // 2))
 
 
 def can_share_connection() -> bool:

@@ -37,7 +37,7 @@ from cachefs.credentials import client_secret, server_secret
 @click.option("--read-ahead-kb", default=1024, show_default=True, type=click.IntRange(min=0),
               help="kernel readahead of the mount, KiB (0: the kernel's default)")  # fmt: skip
 @click.option("--procs", type=click.IntRange(min=1), default=None,
-              help="serving processes of the mount [default: cores, at most 4]")  # fmt: skip
+              help="serving processes of the mount [default: cores / 2, 1 to 4]")  # fmt: skip
 @click.option("--allow-other", is_flag=True, help="let other users read the mount")
 @secret_option
 @metrics_option

@@ -456,7 +456,13 @@ class Cluster:
         self.cli("dataset", "add", name, frames.uri(), *options)
 
     def mount(self, client: str, dataset: str, *args: str) -> Path:
-        """`cachefs mount DATASET MNT --master ADDR` run on host `client`; returns MNT."""
+        """`cachefs mount DATASET MNT --master ADDR` run on host `client`; returns MNT.
+
+        Two serving processes unless `args` say otherwise: the faults here also hit mounts
+        whose requests any of several processes answers (fuse/serving.py).
+        """
+        if "--procs" not in args:
+            args = ("--procs", "2", *args)
         mountpoint = self.tmp / f"mnt-{client}-{dataset}"
         mountpoint.mkdir(exist_ok=True)
         self.mounts.append(mountpoint)
