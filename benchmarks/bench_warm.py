@@ -334,8 +334,8 @@ def report(args, info, setup, rates, requests, epochs, trace_unavailable, starte
         f"Warm = page cache dropped before the pass: the FUSE systems then serve from RAM that "
         f"drop_caches does not drop (the cachefs workers' RAM tier in /dev/shm, the minimal "
         f"FS's dicts). Second epoch = page cache kept from the pass before. cachefs mounts "
-        f"with {mount_flags} (default `--procs`: half the cores, 1 to 4); readahead 1024 KiB on all "
-        f"three mounts; "
+        f"with {mount_flags} (default `--procs`: half the cores, 1 to 4); readahead 1024 KiB "
+        f"on all three mounts; "
         f"cachefs workers' RAM tier {args.mem}. Median [min–max] over {rounds}; ratios are "
         f"per round. Setup: {'; '.join(setup)}.",
         "",
