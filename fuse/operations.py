@@ -79,6 +79,27 @@ def _errno_boundary(func=None, *, blocking: bool = True):
     return wrapper
 
 
+def _with_fast_path(fast, full):
+    """An op that first tries `fast` (plain code: it cannot wait, so it needs no deadline) and
+    takes `full` (an `_errno_boundary` op) when `fast` answers None."""
+    latency = metrics.FUSE_OPS.op(full.__name__.lstrip("_"))
+    clock = time.monotonic
+
+    async def op(self: CacheFsOperations, *args):
+        started = clock()
+        try:
+            result = fast(self, *args)
+        except Exception:  # the fast path is an optimisation: the full path decides
+            log.exception("fast path of %s failed", full.__name__)
+            result = None
+        if result is None:
+            return await full(self, *args)
+        latency.observe(clock() - started)
+        return result
+
+    return op
+
+
 def _to_errno(op: str, exc: Exception) -> pyfuse3.FUSEError:
     """The errno an op's exception answers."""
     if isinstance(exc, pyfuse3.FUSEError):
@@ -132,8 +153,6 @@ class CacheFsOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.watchdog = Watchdog(op_timeout)  # its run() belongs in the mount's nursery
         self.initialized = trio.Event()
-        self._fast_read_latency = metrics.FUSE_OPS.op("read")
-        self._fast_lookup_latency = metrics.FUSE_OPS.op("lookup")
         self._uid, self._gid = os.getuid(), os.getgid()
 
     def init(self) -> None:
@@ -175,22 +194,16 @@ class CacheFsOperations(pyfuse3.Operations):
 
     # ---- metadata ------------------------------------------------------------------------
 
-    async def lookup(self, parent_inode, name, ctx=None):
-        started = time.monotonic()
-        try:
-            attr = self.vfs.lookup_now(self._from_fuse(parent_inode), os.fsdecode(name))
-        except Exception:  # the fast path is an optimisation: the full path decides
-            log.exception("fast lookup of %r failed", name)
-            attr = None
-        if attr is None:
-            return await self._lookup(parent_inode, name)
-        self._fast_lookup_latency.observe(time.monotonic() - started)
-        return self._entry(attr)
+    def _lookup_now(self, parent_inode, name, ctx=None):
+        attr = self.vfs.lookup_now(self._from_fuse(parent_inode), os.fsdecode(name))
+        return None if attr is None else self._entry(attr)
 
     @_errno_boundary
-    async def _lookup(self, parent_inode, name):
+    async def _lookup(self, parent_inode, name, ctx=None):
         attr = await self.vfs.lookup(self._from_fuse(parent_inode), os.fsdecode(name))
         return self._entry(attr)
+
+    lookup = _with_fast_path(_lookup_now, _lookup)
 
     @_errno_boundary
     async def getattr(self, inode, ctx=None):
@@ -254,22 +267,15 @@ class CacheFsOperations(pyfuse3.Operations):
         # The dataset is a snapshot: pages stay valid across opens (keep_cache).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    async def read(self, fh, off, size):
-        # `fh` is the inode: the handle open returned, or the patched pyfuse3's no_open case.
-        started = time.monotonic()
-        try:
-            data = self.vfs.read_now(self._from_fuse(fh), off, size)
-        except Exception:  # the fast path is an optimisation: the full path decides
-            log.exception("fast read of inode %d failed", fh)
-            data = None
-        if data is None:
-            return await self._read(fh, off, size)
-        self._fast_read_latency.observe(time.monotonic() - started)
-        return data
+    # `fh` is the inode: the handle open returned, or the patched pyfuse3's no_open case.
+    def _read_now(self, fh, off, size):
+        return self.vfs.read_now(self._from_fuse(fh), off, size)
 
     @_errno_boundary
     async def _read(self, fh, off, size):
         return await self.vfs.read(self._from_fuse(fh), off, size)
+
+    read = _with_fast_path(_read_now, _read)
 
     @_errno_boundary(blocking=False)
     async def release(self, fh):
