@@ -22,7 +22,6 @@ per system with the page cache dropped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shlex
@@ -40,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dataset import add_shape_arguments, describe, ensure_dataset, shape_from  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
-    ContentError,
     FuseRequestTrace,
+    dataloader_epoch,
     drop_caches,
     embedded_worker_stats,
     file_reader,
@@ -85,18 +84,9 @@ def cli(*args: str, timeout: float = 900) -> str:
     return result.stdout
 
 
-def dataloader_epoch(root: Path, manifest_path: Path, args: argparse.Namespace) -> float:
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "torch_epoch.py"), str(root),
-         str(manifest_path), "--workers", str(args.loader_workers), "--batch", str(args.batch),
-         "--seed", str(args.seed + 2)],
-        capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
-    if result.returncode == 3:
-        raise ContentError(f"DataLoader epoch on {root}: {result.stderr.strip()}")
-    if result.returncode != 0:
-        raise RuntimeError(f"DataLoader epoch on {root} failed: {result.stderr.strip()[-800:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
+def dataloader_seconds(root: Path, manifest_path: Path, args: argparse.Namespace) -> float:
+    out = dataloader_epoch(root, manifest_path, args.loader_workers, args.batch, args.seed + 2)
+    return out["seconds"]
 
 
 def spread(values: list[float], fmt: str = ",.0f") -> str:
@@ -305,7 +295,7 @@ def main() -> None:
                 for system in ["local", *CACHEFS_SYSTEMS]:
                     root = source if system == "local" else run.mounts[system]
                     drop_caches()
-                    seconds = dataloader_epoch(root, data_dir / "manifest.json", args)
+                    seconds = dataloader_seconds(root, data_dir / "manifest.json", args)
                     epochs.setdefault(system, []).append(seconds)
                     print(f"  {system} DataLoader epoch: {seconds:.2f} s", flush=True)
     finally:

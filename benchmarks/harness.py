@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import os
 import platform
 import re
@@ -287,6 +288,22 @@ def s3_metadata_pass(endpoint: str, bucket: str, prefix: str, manifest: Manifest
     seen = {i.path[base:]: i.size for i in infos if i.type == pafs.FileType.File}
     _check_listing(seen, manifest)
     return seconds
+
+
+def dataloader_epoch(root: Path, manifest_path: Path, workers: int, batch: int, seed: int) -> dict:
+    """One checked DataLoader epoch over `root` (benchmarks/torch_epoch.py in a subprocess):
+    its JSON report (seconds, bytes, first_batch_s)."""
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("torch_epoch.py")), str(root),
+         str(manifest_path), "--workers", str(workers), "--batch", str(batch),
+         "--seed", str(seed)],
+        capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    if result.returncode == 3:
+        raise ContentError(f"DataLoader epoch on {root}: {result.stderr.strip()}")
+    if result.returncode != 0:
+        raise RuntimeError(f"DataLoader epoch on {root} failed: {result.stderr.strip()[-800:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def drop_caches() -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import math
 import os
 import random
@@ -324,17 +323,10 @@ class Bench:
         row = Row("loader", system, state, files=len(self.manifest))
 
         def epoch() -> tuple[float, int]:
-            result = subprocess.run(
-                [sys.executable, str(REPO / "benchmarks" / "torch_epoch.py"), str(root),
-                 str(self.manifest_path), "--workers", str(self.args.loader_workers),
-                 "--batch", str(self.args.batch), "--seed", str(self.args.seed + 2)],
-                capture_output=True, text=True, timeout=3600,
+            out = harness.dataloader_epoch(
+                root, self.manifest_path, self.args.loader_workers, self.args.batch,
+                self.args.seed + 2,
             )  # fmt: skip
-            if result.returncode == 3:
-                raise ContentError(f"DataLoader epoch on {root}: {result.stderr.strip()}")
-            if result.returncode != 0:
-                raise RuntimeError(f"DataLoader epoch failed: {result.stderr.strip()[-800:]}")
-            out = json.loads(result.stdout.strip().splitlines()[-1])
             row.extra["first_batch_s"] = out["first_batch_s"]
             return out["seconds"], out["bytes"]
 
