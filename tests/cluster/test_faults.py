@@ -225,6 +225,11 @@ def test_worker_rejoins_with_its_disk_cache(cluster, frames, tmp_path):
     assert f"{len(frames.digests)}/{len(frames.digests)} files" in loaded.stdout, loaded.stdout
     assert c.store.total_gets() == len(frames.nonempty)  # each file with data fetched once
     ids = worker_ids(c)
+    # The mount's worker list is refreshed every 2 s: it may not have all three yet.
+    c.wait_until(
+        "c1 to rank over all workers",
+        lambda: set(owners(mnt, frames.nonempty).values()) == set(ids.values()),
+    )
     on_w1 = sorted(rel for rel, w in owners(mnt, frames.nonempty).items() if w == ids["w1"])
     entries = c.worker_stats()["w1"]["tiers"]["disk"]["entries"]
     assert entries == len(on_w1) > 0
