@@ -85,17 +85,34 @@ class FuseOpStats:
     def __init__(self, bounds: tuple[float, ...] = FUSE_OP_BUCKETS):
         self.bounds = bounds
         self.ops: dict[str, OpLatency] = {}
+        # Snapshots of the mount's other serving processes (fuse/serving.py), added per scrape.
+        self.reports: Callable[[], list[dict]] = list
 
     def op(self, name: str) -> OpLatency:
         return self.ops.setdefault(name, OpLatency(self.bounds))
+
+    def snapshot(self) -> dict[str, list]:
+        """op -> [count per bucket..., sum]: what a helper process reports to the first one."""
+        return {name: [*stat.buckets, stat.sum] for name, stat in list(self.ops.items())}
+
+    def totals(self) -> dict[str, tuple[list[int], float]]:
+        """This process's ops plus the reported ones: op -> (count per bucket, sum)."""
+        out = {name: (list(stat.buckets), stat.sum) for name, stat in list(self.ops.items())}
+        for report in self.reports():
+            for name, values in report.items():
+                buckets, total = out.get(name, ([0] * (len(self.bounds) + 1), 0.0))
+                if len(values) != len(buckets) + 1:
+                    continue  # another version's buckets: not addable
+                out[name] = ([a + b for a, b in zip(buckets, values, strict=False)],
+                             total + values[-1])  # fmt: skip
+        return out
 
     def collect(self):
         ops = CounterMetricFamily("cachefs_fuse_ops", "FUSE operations by name", labels=["op"])
         seconds = HistogramMetricFamily(
             "cachefs_fuse_op_seconds", "FUSE operation latency", labels=["op"]
         )
-        for name, stat in list(self.ops.items()):
-            buckets, total = list(stat.buckets), stat.sum
+        for name, (buckets, total) in self.totals().items():
             cumulative, running = [], 0
             for bound, n in zip((*self.bounds, float("inf")), buckets, strict=True):
                 running += n

@@ -22,6 +22,7 @@ The first process stays the oldest; the helpers are its children and end with th
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import json
@@ -34,14 +35,17 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from cachefs import metrics
 from cachefs.config import format_address, parse_address
 from cachefs.fuse.client import MountOptions, fuse_options, open_client, start_serve_loops
+from cachefs.runtime import write_private
 from cachefs.tls import TlsConfig
 
 log = logging.getLogger("cachefs.fuse.serving")
 
 FUSE_NOTIFY_RESEND = 7  # include/uapi/linux/fuse.h
 RESTART_DELAY = 1.0  # a helper that dies at once must not spin
+REPORT_EVERY = 2.0  # seconds between a helper's reports of its FUSE op counts
 MAX_DEFAULT_PROCS = 4
 
 
@@ -95,15 +99,45 @@ def helper_spec(dataset: str, master_address, opts: MountOptions, meta_path: Pat
     }
 
 
+def _report_path(meta_dir: Path, pid: int) -> Path:
+    return meta_dir / f"ops-{pid}.json"
+
+
+def helper_reports(meta_dir: Path) -> list[dict]:
+    """Every helper's last FUSE op counts (of helpers gone too, so the mount's totals never
+    go back); the mount's metrics add them to the first process's own."""
+    reports = []
+    for path in meta_dir.glob("ops-*.json"):
+        try:
+            reports.append(json.loads(path.read_bytes()))
+        except (OSError, ValueError):  # replaced meanwhile, or the mount is going away
+            continue
+    return reports
+
+
+async def _report_ops(meta_dir: Path) -> None:
+    """A helper's FUSE op counts, written for the first process every REPORT_EVERY seconds."""
+    path = _report_path(meta_dir, os.getpid())
+    try:
+        while True:
+            write_private(path, json.dumps(metrics.FUSE_OPS.snapshot()).encode())
+            await trio.sleep(REPORT_EVERY)
+    finally:  # the last counts, when the mount ends
+        with contextlib.suppress(OSError):
+            write_private(path, json.dumps(metrics.FUSE_OPS.snapshot()).encode())
+
+
 class ServingHelpers:
     """The first process's helper processes: started once FUSE_INIT is answered, replaced
-    when one dies; cancelling `run` stops them."""
+    when one dies; cancelling `run` stops them. The mount's metrics count their FUSE ops."""
 
     def __init__(self, spec: dict, count: int):
         self.spec = spec
         self.count = count
         self.pids: set[int] = set()
         self.restarts = 0
+        meta_dir = Path(spec["meta"])
+        metrics.FUSE_OPS.reports = lambda: helper_reports(meta_dir)
 
     async def run(self, initialized: trio.Event) -> None:
         if not can_share_connection():
@@ -151,8 +185,6 @@ async def _resend_when_gone(pid: int, fd: int) -> None:
 
 async def serve_helper(spec: dict) -> None:
     """A helper's life: the same client as the first process, on the inherited connection."""
-    import contextlib
-
     tls = TlsConfig.from_files(**spec["tls"]) if spec["tls"] else None
     opts = MountOptions(
         entry_timeout=spec["entry_timeout"], attr_timeout=spec["attr_timeout"],
@@ -170,6 +202,7 @@ async def serve_helper(spec: dict) -> None:
         try:
             start_serve_loops(nursery, ops, workers, opts)
             nursery.start_soon(_resend_when_gone, spec["first_pid"], fd)
+            nursery.start_soon(_report_ops, Path(spec["meta"]))
             await pyfuse3.main()
         finally:
             pyfuse3.close(unmount=False)

@@ -117,7 +117,10 @@ def test_helpers_serve_and_a_killed_process_costs_readers_nothing(cluster, mount
     source = tmp_path / "source"
     digests = make_files(source, 2400, max_size=40_000, seed=9)
     add_dataset(master, source)
-    mnt = mounts.mount("ds", "--master", master.address, "--procs", "3")
+    port = free_port()
+    mnt = mounts.mount(
+        "ds", "--master", master.address, "--procs", "3", "--metrics", f"127.0.0.1:{port}"
+    )
     first = read_pid_file(pid_file(mnt))["pid"]
     helpers = wait_until(lambda: len(helpers_of(first)) == 2 and helpers_of(first), what="helpers")
     rels = sorted(digests)
@@ -131,6 +134,13 @@ def test_helpers_serve_and_a_killed_process_costs_readers_nothing(cluster, mount
         assert read_all(mnt, parts[1]) == parts[1]
     finally:
         os.kill(first, signal.SIGCONT)
+    # The mount's metrics count the helpers' ops too: every file read so far was looked up
+    # once, in whichever process (the helpers report every 2 s).
+    looked_up = len(parts[0]) + len(parts[1])
+    wait_until(
+        lambda: scrape(port).get('cachefs_fuse_ops_total{op="lookup"}', 0) >= looked_up,
+        what="the helpers' lookups in the mount's metrics",
+    )
 
     # A helper killed mid-read: its requests are resent to the others, a new helper starts.
     victim = min(helpers)
