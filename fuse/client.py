@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +63,15 @@ async def open_client(
 ) -> tuple[CacheFsOperations, WorkerDirectory, trio.Nursery]:
     """The Operations of one serving process, with what they need entered on `stack`.
 
-    `meta_path` is the mount's shared metadata cache; the `first` process starts it empty.
+    `meta_path` is the mount's shared metadata cache; the `first` process starts it empty and
+    removes it when the mount ends.
     `local` holds in-process services (embedded mode): "master" and "worker" are then called
     directly instead of over loopback RPC. The nursery is the client's: readahead fetches and
     the background loops of `start_serve_loops` run there.
     """
     meta = MetaCache(meta_path, fresh=first)
+    if first:  # runs after the close below (last in, first out)
+        stack.callback(shutil.rmtree, meta_path, ignore_errors=True)
     stack.callback(meta.close)
     if local:
         master = LocalClient(local["master"], name="embedded master")

@@ -83,12 +83,13 @@ class DataReader:
                 data = local.handler.read_now(self.dataset, key, attr.size)
             elif (token := self.workers.local_tokens.get(worker_id)) is not None:
                 data = sc.read_sync(worker_id, token, key, memory_only=True)
-                if data is not None and len(data) == attr.size:
-                    sc.note_served(worker_id, self.dataset, [key], attr.size)
             else:
                 continue
-            if data is not None and len(data) == attr.size:
-                return data[offset : offset + length] if offset or length < attr.size else data
+            if data is None or len(data) != attr.size:
+                continue
+            if local is None:  # the worker learns of it with the next `touched` report
+                sc.note_served(worker_id, self.dataset, [key], attr.size)
+            return data[offset : offset + length]  # the whole file: bytes slices to itself
         return None
 
     async def _short_circuit(

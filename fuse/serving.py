@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -99,10 +98,6 @@ def helper_spec(dataset: str, master_address, opts: MountOptions, meta_path: Pat
     }
 
 
-def _report_path(meta_dir: Path, pid: int) -> Path:
-    return meta_dir / f"ops-{pid}.json"
-
-
 def helper_reports(meta_dir: Path) -> list[dict]:
     """Every helper's last FUSE op counts (of helpers gone too, so the mount's totals never
     go back); the mount's metrics add them to the first process's own."""
@@ -117,14 +112,18 @@ def helper_reports(meta_dir: Path) -> list[dict]:
 
 async def _report_ops(meta_dir: Path) -> None:
     """A helper's FUSE op counts, written for the first process every REPORT_EVERY seconds."""
-    path = _report_path(meta_dir, os.getpid())
+    path = meta_dir / f"ops-{os.getpid()}.json"
+
+    def report() -> None:
+        write_private(path, json.dumps(metrics.FUSE_OPS.snapshot()).encode())
+
     try:
         while True:
-            write_private(path, json.dumps(metrics.FUSE_OPS.snapshot()).encode())
+            report()
             await trio.sleep(REPORT_EVERY)
     finally:  # the last counts, when the mount ends
         with contextlib.suppress(OSError):
-            write_private(path, json.dumps(metrics.FUSE_OPS.snapshot()).encode())
+            report()
 
 
 class ServingHelpers:
@@ -134,8 +133,6 @@ class ServingHelpers:
     def __init__(self, spec: dict, count: int):
         self.spec = spec
         self.count = count
-        self.pids: set[int] = set()
-        self.restarts = 0
         meta_dir = Path(spec["meta"])
         metrics.FUSE_OPS.reports = lambda: helper_reports(meta_dir)
 
@@ -155,20 +152,14 @@ class ServingHelpers:
     async def _keep_one(self, fd: int, payload: bytes) -> None:
         command = [sys.executable, "-m", "cachefs.fuse.serving"]
         while True:
-            async with trio.open_nursery() as nursery:
-                process = await nursery.start(
-                    functools.partial(
-                        trio.run_process, command, stdin=payload, check=False, pass_fds=(fd,)
-                    )
-                )
-                self.pids.add(process.pid)
-            self.pids.discard(process.pid)
+            process = await trio.run_process(
+                command, stdin=payload, check=False, pass_fds=(fd,)
+            )
             if process.returncode == 0:  # the mount is gone: the helper ended with it
                 return
-            log.warning("serving process %d ended (%s)", process.pid, process.returncode)
+            log.warning("a serving process ended (%s)", process.returncode)
             if not resend_pending(fd):
                 return
-            self.restarts += 1
             await trio.sleep(RESTART_DELAY)
 
 

@@ -137,15 +137,21 @@ class Vfs:
 
     # ---- metadata ------------------------------------------------------------------------
 
-    async def _known(self, ino: int) -> _Inode:
+    def _known_now(self, ino: int) -> _Inode | None:
+        """An inode this process looked up, or one the mount's shared cache has (another
+        serving process looked it up, or this one forgot it); None: ask the master."""
         node = self._inodes.get(ino)
         if node is not None:
             return node
-        shared = self.meta.inode(ino)  # looked up by another serving process, or forgotten
-        if shared is not None:
-            attr, path, parent, name = shared
-            return _Inode(attr, path, parent, name)
-        return await self._borrow(ino)
+        shared = self.meta.inode(ino)
+        if shared is None:
+            return None
+        attr, path, parent, name = shared
+        return _Inode(attr, path, parent, name)
+
+    async def _known(self, ino: int) -> _Inode:
+        node = self._known_now(ino)
+        return node if node is not None else await self._borrow(ino)
 
     async def _borrow(self, ino: int) -> _Inode:
         """An inode no process of this mount has seen (e.g. it was dropped by a re-sync)."""
@@ -248,14 +254,12 @@ class Vfs:
 
     def readdir_accepted(self, ino: int, name: str, attr: Attr) -> None:
         """The kernel took an entry with attributes (readdirplus): that counts as a lookup."""
-        parent = self._inodes.get(ino)
-        if parent is not None:
-            self.meta.remember(ino, name, _child_path(parent.path, name), attr)
+        parent = self._known_now(ino)
+        if parent is None:
+            return
+        self.meta.remember(ino, name, _child_path(parent.path, name), attr)
+        if ino in self._inodes:  # else a directory another process looked up
             self._remember(attr, parent, ino, name)
-        else:  # a directory another process looked up
-            shared = self.meta.inode(ino)
-            if shared is not None:
-                self.meta.remember(ino, name, _child_path(shared[1], name), attr)
 
     def releasedir(self, ino: int) -> None:
         """Nothing to free: the listing stays for the next reader of the directory (LRU)."""
@@ -279,17 +283,10 @@ class Vfs:
 
     def read_now(self, ino: int, offset: int, size: int) -> bytes | None:
         """The fast path: a small file cached in this host's RAM, answered without waiting."""
-        node = self._inodes.get(ino)
-        if node is None:
-            shared = self.meta.inode(ino)
-            if shared is None:
-                return None
-            attr, path = shared[0], shared[1]
-        else:
-            attr, path = node.attr, node.path
-        if attr.is_dir:
+        node = self._known_now(ino)
+        if node is None or node.attr.is_dir:
             return None
-        return self.reader.read_now(path, attr, offset, size)
+        return self.reader.read_now(node.path, node.attr, offset, size)
 
     def release(self, ino: int) -> None:
         """Nothing to free: readers are per inode and bounded (fuse/reader.py)."""
