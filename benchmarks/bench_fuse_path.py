@@ -47,7 +47,7 @@ from benchmarks.harness import (  # noqa: E402
     read_pass,
     scrape_fuse_ops,
 )
-from benchmarks.results import replace_section  # noqa: E402
+from benchmarks.results import replace_section, rerun_command  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 SECTION = "Lean FUSE request path (bench_fuse_path.py)"
@@ -260,10 +260,7 @@ def main() -> None:
     elapsed = time.perf_counter() - started
     print(f"total {elapsed:.0f} s")
     if args.results:
-        argv = list(sys.argv[1:])
-        if "--results" in argv:
-            del argv[argv.index("--results") : argv.index("--results") + 2]
-        command = shlex.join(["python", "benchmarks/bench_fuse_path.py", *argv])
+        command = rerun_command("benchmarks/bench_fuse_path.py")
         load = os.getloadavg()
         note = (
             f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores with `{command}` "

@@ -40,7 +40,6 @@ import dataclasses
 import itertools
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from benchmarks.harness import (  # noqa: E402
     upload,
 )
 from benchmarks.harness import profiled as _profiled  # noqa: E402
-from benchmarks.results import replace_section  # noqa: E402
+from benchmarks.results import replace_section, rerun_command  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE  # noqa: E402
 from tests.procs import run_cli  # noqa: E402
 
@@ -266,10 +265,7 @@ def main() -> None:
     print(text)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.results:
-        argv = list(sys.argv[1:])
-        if "--results" in argv:
-            del argv[argv.index("--results") : argv.index("--results") + 2]
-        command = shlex.join(["python", "benchmarks/bench_read.py", *argv])
+        command = rerun_command("benchmarks/bench_read.py")
         cores = os.cpu_count()
         remote = (
             f"each S3 response held {args.delay_ms:g} ms by a TCP proxy"

@@ -35,7 +35,7 @@ from benchmarks.dataset import make_dataset  # noqa: E402
 from benchmarks.harness import drop_caches, file_reader, read_pass, worker_stats_at  # noqa: E402
 from benchmarks.results import replace_section  # noqa: E402
 from cachefs.fuse.mount import pid_file  # noqa: E402
-from tests.procs import master_process, run_cli, worker_process  # noqa: E402
+from tests.procs import master_process, run_cli, stop_services, worker_process  # noqa: E402
 
 MiB = 1 << 20
 TITLE = "Short-circuit reads, worker on the same host (bench_shortcircuit.py)"
@@ -118,10 +118,7 @@ def main() -> None:
             if os.path.ismount(mountpoint):
                 run_cli("umount", str(mountpoint))
         counters = sc_counters(mounts["sc"]) if "sc" in mounts else ""
-        if worker is not None:
-            worker.stop()
-        if master is not None:
-            master.stop()
+        stop_services(worker, master)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
 

@@ -56,7 +56,7 @@ from benchmarks.harness import (  # noqa: E402
     worker_stats_at,
 )
 from benchmarks.results import replace_section  # noqa: E402
-from tests.procs import master_process, run_cli, worker_process  # noqa: E402
+from tests.procs import master_process, run_cli, stop_services, worker_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "Warm read path (#13)"
@@ -207,10 +207,7 @@ class Run:
         stop(self.minimal_proc)  # SIGTERM: it unmounts itself
         for mountpoint in self.mounts.values():
             fuse_unmount(mountpoint)  # whatever did not go cleanly
-        if self.worker is not None:
-            self.worker.stop()
-        if self.master is not None:
-            self.master.stop()
+        stop_services(self.worker, self.master)
         # only the RAM tiers of this run's workers: others may belong to concurrent tests
         for worker_id in self.worker_ids.values():
             shutil.rmtree(Path("/dev/shm") / f"cachefs-{worker_id}", ignore_errors=True)

@@ -36,7 +36,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import shlex
 import shutil
 import sys
 import tempfile
@@ -52,13 +51,13 @@ import xxhash
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.results import replace_section  # noqa: E402
+from benchmarks.results import replace_section, rerun_command  # noqa: E402
 from cachefs.config import parse_address, parse_size  # noqa: E402
 from cachefs.meta import Attr  # noqa: E402
 from cachefs.rpc import RpcClient  # noqa: E402
 from cachefs.worker.slab import DEFAULT_SLAB_SIZE, SlabAllocator  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE, SLAB_SIZE  # noqa: E402
-from tests.procs import master_process, run_cli, worker_process  # noqa: E402
+from tests.procs import master_process, run_cli, stop_services, worker_process  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DATASET = "bench"
@@ -544,10 +543,7 @@ def main() -> None:
     finally:
         if load is not None:
             load.close()
-        if worker is not None:
-            worker.stop()
-        if master is not None:
-            master.stop()
+        stop_services(worker, master)
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
 
@@ -560,10 +556,7 @@ def main() -> None:
     print(text)
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.results:
-        argv = [a for a in sys.argv[1:] if not a.startswith("--results=")]
-        if "--results" in argv:
-            del argv[argv.index("--results") : argv.index("--results") + 2]
-        command = shlex.join(["python", "benchmarks/bench_worker.py", *argv])
+        command = rerun_command("benchmarks/bench_worker.py")
         cores = os.cpu_count()
         per_proc = args.clients // args.procs
         note = (

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 HEADER = (
@@ -20,3 +22,11 @@ def replace_section(path: Path, title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n")
+
+
+def rerun_command(script: str) -> str:
+    """The command line that ran `script` (`benchmarks/NAME.py`), without its --results."""
+    argv = [a for a in sys.argv[1:] if not a.startswith("--results=")]
+    if "--results" in argv:
+        del argv[argv.index("--results") : argv.index("--results") + 2]
+    return shlex.join(["python", script, *argv])

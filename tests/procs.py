@@ -123,3 +123,10 @@ def worker_process(
         ],
         tmp_path / f"worker-{name}.log",
     )  # fmt: skip
+
+
+def stop_services(*services: ServiceProcess | None) -> None:
+    """Stops master/worker processes in the order given; None stands for one never created."""
+    for service in services:
+        if service is not None:
+            service.stop()
