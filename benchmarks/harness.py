@@ -290,13 +290,15 @@ def s3_metadata_pass(endpoint: str, bucket: str, prefix: str, manifest: Manifest
     return seconds
 
 
-def dataloader_epoch(root: Path, manifest_path: Path, workers: int, batch: int, seed: int) -> dict:
+def dataloader_epoch(
+    root: Path, manifest_path: Path, workers: int, batch: int, seed: int, unbuffered: bool = False
+) -> dict:
     """One checked DataLoader epoch over `root` (benchmarks/torch_epoch.py in a subprocess):
     its JSON report (seconds, bytes, first_batch_s)."""
     result = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("torch_epoch.py")), str(root),
          str(manifest_path), "--workers", str(workers), "--batch", str(batch),
-         "--seed", str(seed)],
+         "--seed", str(seed), *(["--unbuffered"] if unbuffered else [])],
         capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
     if result.returncode == 3:

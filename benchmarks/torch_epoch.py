@@ -5,7 +5,10 @@ xxh3_64) in the loader's worker processes; a batch is one uint8 tensor of the fi
 joined plus their lengths. The order is one seeded shuffle. The epoch is timed from creating
 the loader's iterator (worker start-up included, as in training) to the last batch.
 
-    python benchmarks/torch_epoch.py ROOT MANIFEST [--workers 4] [--batch 32] [--seed 2]
+    python benchmarks/torch_epoch.py ROOT MANIFEST [--workers 4] [--batch 32] [--seed 2] [--unbuffered]
+
+--unbuffered opens files with buffering=0 (docs/performance.md): Python's buffered open() asks
+the kernel isatty() first, one more FUSE request per file.
 
 Prints one JSON line: {"seconds", "first_batch_s", "files", "bytes"}. Exit status 3 (and the
 message on stderr) if any file had the wrong content.
@@ -32,17 +35,18 @@ class FileContentError(Exception):
 
 
 class Frames(Dataset):
-    def __init__(self, root: Path, files: list[tuple[str, int, int]]):
+    def __init__(self, root: Path, files: list[tuple[str, int, int]], unbuffered: bool):
         self.root = root
         self.files = files
+        self.buffering = 0 if unbuffered else -1
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> bytes:
         rel, size, digest = self.files[i]
-        with open(self.root / rel, "rb") as f:
-            data = f.read()
+        with open(self.root / rel, "rb", buffering=self.buffering) as f:
+            data = f.read()  # unbuffered: FileIO.read() with no size reads to the end
         if len(data) != size or xxhash.xxh3_64_intdigest(data) != digest:
             raise FileContentError(f"{rel}: wrong content ({len(data)} bytes, expected {size})")
         return data
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=2)
+    parser.add_argument("--unbuffered", action="store_true", help="open with buffering=0")
     args = parser.parse_args()
     manifest = json.loads(args.manifest.read_text())["files"]
     files = [(rel, size, digest) for rel, (size, digest) in sorted(manifest.items())]
@@ -70,7 +75,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     loader = DataLoader(
-        Frames(args.root, files),
+        Frames(args.root, files, args.unbuffered),
         batch_size=args.batch,
         sampler=order,
         num_workers=args.workers,
