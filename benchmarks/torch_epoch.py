@@ -5,7 +5,8 @@ xxh3_64) in the loader's worker processes; a batch is one uint8 tensor of the fi
 joined plus their lengths. The order is one seeded shuffle. The epoch is timed from creating
 the loader's iterator (worker start-up included, as in training) to the last batch.
 
-    python benchmarks/torch_epoch.py ROOT MANIFEST [--workers 4] [--batch 32] [--seed 2] [--unbuffered]
+    python benchmarks/torch_epoch.py ROOT MANIFEST [--workers 4] [--batch 32] [--seed 2]
+                                     [--unbuffered]
 
 --unbuffered opens files with buffering=0 (docs/performance.md): Python's buffered open() asks
 the kernel isatty() first, one more FUSE request per file.
