@@ -152,9 +152,7 @@ class ServingHelpers:
     async def _keep_one(self, fd: int, payload: bytes) -> None:
         command = [sys.executable, "-m", "cachefs.fuse.serving"]
         while True:
-            process = await trio.run_process(
-                command, stdin=payload, check=False, pass_fds=(fd,)
-            )
+            process = await trio.run_process(command, stdin=payload, check=False, pass_fds=(fd,))
             if process.returncode == 0:  # the mount is gone: the helper ended with it
                 return
             log.warning("a serving process ended (%s)", process.returncode)

@@ -156,9 +156,7 @@ class Vfs:
     async def _borrow(self, ino: int) -> _Inode:
         """An inode no process of this mount has seen (e.g. it was dropped by a re-sync)."""
         try:
-            attr = Attr.from_wire(
-                await self.master.call("getattr", dataset=self.dataset, ino=ino)
-            )
+            attr = Attr.from_wire(await self.master.call("getattr", dataset=self.dataset, ino=ino))
             path = await self.master.call("path_of", dataset=self.dataset, ino=ino)
         except NotFound:
             raise CacheFsError(

@@ -468,8 +468,14 @@ class Cluster:
         self.mounts.append(mountpoint)
         result = self.net[client].run(
             cachefs_cmd(
-                "mount", dataset, str(mountpoint), "--master", self.master_address,
-                "--secret-file", str(self.secret_file), *args,
+                "mount",
+                dataset,
+                str(mountpoint),
+                "--master",
+                self.master_address,
+                "--secret-file",
+                str(self.secret_file),
+                *args,
             ),  # fmt: skip
             timeout=300,
         )
