@@ -31,8 +31,9 @@ rm -f "$log"
 # pyfuse3 3.5.0 with scripts/pyfuse3-3.5.0.patch (docs/performance.md): read() by inode for
 # files opened without OPEN (zero-message open), attach() so several processes serve one
 # mount, and a session loop that takes a waiting request before it waits through trio's
-# scheduler (non-blocking /dev/fuse). Built once from the pinned sdist; later runs see the marker and skip it.
-if ! .venv/bin/python -c 'import pyfuse3; assert pyfuse3.CACHEFS_PATCH >= 4' 2>/dev/null; then
+# scheduler (non-blocking /dev/fuse) and starts another task only for a handler that waits.
+# Built once from the pinned sdist; later runs see the marker and skip it.
+if ! .venv/bin/python -c 'import pyfuse3; assert pyfuse3.CACHEFS_PATCH >= 5' 2>/dev/null; then
     build=$(mktemp -d) log=$(mktemp)
     .venv/bin/pip download -q --no-deps --no-binary :all: pyfuse3==3.5.0 -d "$build" >"$log" 2>&1 \
         || { cat "$log"; exit 1; }
