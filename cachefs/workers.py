@@ -122,8 +122,13 @@ class WorkerDirectory:
     def ranked(self, key: bytes) -> list[str]:
         """Live workers for a key, owner first; suspects go last rather than away."""
         order = placement.rank(key, list(self.workers))
+        if not self._suspect_until:
+            return order
         now = self._clock()
-        healthy = [w for w in order if self._suspect_until.get(w, 0) <= now]
+        for worker_id, until in list(self._suspect_until.items()):
+            if until <= now:  # suspicion over: the common case costs nothing again
+                del self._suspect_until[worker_id]
+        healthy = [w for w in order if w not in self._suspect_until]
         return healthy + [w for w in order if w not in healthy]
 
     def suspect(self, worker_id: str) -> None:

@@ -70,9 +70,14 @@ class DataReader:
         remote = await self._direct()
         return await remote.read_version(path, offset, length, attr.size, attr.mtime_ns)
 
-    def read_now(self, path: str, attr: Attr, offset: int, length: int) -> bytes | None:
+    def read_now(
+        self, path: str, attr: Attr, offset: int, length: int
+    ) -> bytes | memoryview | None:
         """A small file's range if a worker of this host has it in RAM, without waiting: the
-        whole request is then answered inline (no task, no deadline scope). None: `read`."""
+        whole request is then answered inline (no task, no deadline scope). None: `read`.
+
+        From a worker in this process, a view of its RAM tier (no copy): valid until this
+        thread runs other code, so the caller replies with it before awaiting anything."""
         if attr.size > BLOCK_SIZE or offset >= attr.size:
             return None
         key = self.key(path, attr)
@@ -89,7 +94,7 @@ class DataReader:
                 continue
             if local is None:  # the worker learns of it with the next `touched` report
                 sc.note_served(worker_id, self.dataset, [key], attr.size)
-            return data[offset : offset + length]  # the whole file: bytes slices to itself
+            return data[offset : offset + length]  # the whole file: slices to itself, no copy
         return None
 
     async def _short_circuit(

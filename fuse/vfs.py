@@ -279,8 +279,9 @@ class Vfs:
             raise IsADirectory(f"{node.path} is a directory")
         return await self._files.read(ino, node.path, node.attr, offset, size)
 
-    def read_now(self, ino: int, offset: int, size: int) -> bytes | None:
-        """The fast path: a small file cached in this host's RAM, answered without waiting."""
+    def read_now(self, ino: int, offset: int, size: int) -> bytes | memoryview | None:
+        """The fast path: a small file cached in this host's RAM, answered without waiting
+        (reply before awaiting anything: it may be a view of the RAM tier, DataReader.read_now)."""
         node = self._known_now(ino)
         if node is None or node.attr.is_dir:
             return None

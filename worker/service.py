@@ -176,9 +176,10 @@ class WorkerService:
         (metrics.CACHE_HIT_BYTES if hit else metrics.CACHE_MISS_BYTES).inc(len(data))
         return Reply({"hit": hit}, data)
 
-    def read_now(self, dataset: str, key: bytes, size: int) -> bytes | None:
+    def read_now(self, dataset: str, key: bytes, size: int) -> memoryview | None:
         """A whole small object if it is in the RAM tier, without waiting (an in-process
-        client's fast path, embedded mode); None: use `read`."""
+        client's fast path, embedded mode); None: use `read`. A view of the tier: reply with
+        it before awaiting anything (BlockStore.get_from_memory)."""
         data = self.store.get_from_memory(key)
         if data is None or len(data) != size:
             return None

@@ -135,8 +135,26 @@ class BlockStore:
         if loc is None:
             self.counters.misses += 1
             return None
-        tier = self.tiers[loc.tier]
-        data = tier.read(loc.slot, loc.length)
+        data = self._verified(key, loc, self.tiers[loc.tier].read(loc.slot, loc.length))
+        if data is not None and loc.tier != self._order[0]:
+            self._promote(key, loc, data)
+        return data
+
+    def get_from_memory(self, key: bytes) -> memoryview | None:
+        """`get` for an object in the RAM tier, else None: no disk I/O and no copy, so an event
+        loop may call it inline (the mount's fast path).
+
+        The view is of the tier itself: valid only until the caller's thread runs any other
+        code of this store (a `put` may reuse the slot), so the caller replies with it before
+        it awaits anything. Every write of a store happens on the thread that owns it.
+        """
+        loc = self._locations.get(key)
+        if loc is None or loc.tier != "mem":
+            return None
+        return self._verified(key, loc, self.tiers["mem"].view(loc.slot, loc.length))
+
+    def _verified(self, key: bytes, loc: Location, data: bytes | memoryview):
+        """`data` read from `loc` if its checksum holds (a hit), else None and dropped."""
         if checksum(data) != loc.checksum:
             self.counters.corrupt += 1
             log.warning("checksum mismatch in %s tier slot %s; dropping", loc.tier, loc.slot)
@@ -145,18 +163,8 @@ class BlockStore:
             return None
         self.counters.hits += 1
         self.counters.hit_bytes += loc.length
-        tier.policy.touch(key)
-        if loc.tier != self._order[0]:
-            self._promote(key, loc, data)
+        self.tiers[loc.tier].policy.touch(key)
         return data
-
-    def get_from_memory(self, key: bytes) -> bytes | None:
-        """`get` for an object in the RAM tier, else None: no disk I/O, so an event loop may
-        call it inline (the mount's fast path)."""
-        loc = self._locations.get(key)
-        if loc is None or loc.tier != "mem":
-            return None
-        return self.get(key)
 
     def touch(self, key: bytes) -> bool:
         """A hit seen elsewhere (a short-circuit read of the tier file): the LRU effect of `get`

@@ -128,6 +128,23 @@ def test_corrupt_slot_is_detected_and_dropped(store, tmp_path):
     assert store.put(key(1), data, "ds") and store.get(key(1)) == data
 
 
+def test_get_from_memory_is_a_verified_view_of_the_ram_tier_only(tmp_path):
+    s = open_store(tmp_path, **TIERS["mem+disk"])
+    try:
+        data = blob(2, 30_000)
+        s.put(key(2), data, "ds")
+        view = s.get_from_memory(key(2))
+        assert isinstance(view, memoryview) and view == data
+        del view  # a view pins the tier's mmap; the test closes the store below
+        loc = s.location(key(2))
+        s.tiers["mem"].write(loc.slot, bytes([data[0] ^ 0xFF]) + data[1:])
+        assert s.get_from_memory(key(2)) is None  # corrupt: a miss, never the bytes
+        assert s.stats()["corrupt"] == 1 and key(2) not in s
+        assert s.get_from_memory(key(99)) is None
+    finally:
+        s.close()
+
+
 def test_restart_keeps_cache(tmp_path, layout):
     s = open_store(tmp_path, **layout)
     for i in range(200):

@@ -3,6 +3,7 @@
 from collections import Counter
 
 from cachefs.placement import owner, rank
+from cachefs.workers import SUSPECT_SECONDS, WorkerDirectory
 
 
 def keys(n):
@@ -35,3 +36,20 @@ def test_only_the_departed_workers_keys_move():
             assert after[k] == before[k]
         else:
             assert after[k] == rank(k, workers)[1]  # the fallback a client already tried next
+
+
+async def test_a_suspect_goes_last_until_its_suspicion_ends():  # the directory needs trio
+    now = [100.0]
+    directory = WorkerDirectory(None, clock=lambda: now[0])
+    directory.workers = {"a": "127.0.0.1:1", "b": "127.0.0.1:2", "c": "127.0.0.1:3"}
+    key = keys(1)[0]
+    order = rank(key, ["a", "b", "c"])
+    assert directory.ranked(key) == order
+    directory.suspect(order[0])
+    assert directory.ranked(key) == order[1:] + order[:1]
+    now[0] += SUSPECT_SECONDS
+    assert directory.ranked(key) == order
+
+
+def test_one_worker_ranks_alone():
+    assert rank(b"k", ["only"]) == ["only"]
