@@ -12,8 +12,8 @@ unbuffered ones (the data comes from the worker's RAM tier in /dev/shm, which dr
 not drop; for the minimal FS, from its dicts); "second epoch" = page cache kept, buffered then
 unbuffered. Each pass: N threads, one
 seeded shuffled order, every file checked (size + xxh3). FUSE requests per file come from the
-kernel tracepoint fuse:fuse_request_send. Then one DataLoader epoch (benchmarks/torch_epoch.py)
-per system with the page cache dropped.
+kernel tracepoint fuse:fuse_request_send. Then DataLoader epochs (benchmarks/torch_epoch.py)
+per system with the page cache dropped: buffered readers, then unbuffered ones.
 
     python benchmarks/bench_warm.py                          # 20,000 files, 3 rounds
     python benchmarks/bench_warm.py --files 1500 --rounds 1 --no-torch    # smoke run
@@ -23,6 +23,7 @@ per system with the page cache dropped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import shlex
@@ -97,8 +98,12 @@ def cli(*args: str, timeout: float = 900) -> str:
     return result.stdout
 
 
-def dataloader_seconds(root: Path, manifest_path: Path, args: argparse.Namespace) -> float:
-    out = dataloader_epoch(root, manifest_path, args.loader_workers, args.batch, args.seed + 2)
+def dataloader_seconds(
+    root: Path, manifest_path: Path, args: argparse.Namespace, unbuffered: bool
+) -> float:
+    out = dataloader_epoch(
+        root, manifest_path, args.loader_workers, args.batch, args.seed + 2, unbuffered
+    )
     return out["seconds"]
 
 
@@ -306,12 +311,13 @@ def main() -> None:
                 if before is not None and after is not None and after != before:
                     raise AssertionError(f"{system}: {after - before} source reads in warm passes")
             if not args.no_torch:
-                for system in ["local", *CACHEFS_SYSTEMS]:
+                for system, unbuffered in itertools.product(SYSTEMS, (False, True)):
                     root = source if system == "local" else run.mounts[system]
                     drop_caches()
-                    seconds = dataloader_seconds(root, data_dir / "manifest.json", args)
-                    epochs.setdefault(system, []).append(seconds)
-                    print(f"  {system} DataLoader epoch: {seconds:.2f} s", flush=True)
+                    seconds = dataloader_seconds(root, data_dir / "manifest.json", args, unbuffered)
+                    epochs.setdefault((system, unbuffered), []).append(seconds)
+                    reader = "unbuffered" if unbuffered else "buffered"
+                    print(f"  {system} DataLoader epoch, {reader}: {seconds:.2f} s", flush=True)
     finally:
         run.close()
         trace.close()
@@ -405,13 +411,23 @@ def report(args, info, setup, rates, requests, epochs, trace_unavailable, starte
     if not epochs:
         out.append("Not run (--no-torch).")
     else:
-        out += ["| system | seconds | time / local disk time |", "|---|---:|---:|"]
-        for system in ["local", *CACHEFS_SYSTEMS]:
+        out += [
+            "| system | seconds, buffered reads | time / local disk | seconds, unbuffered reads "
+            "| time / local disk, unbuffered |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for system in SYSTEMS:
             state = "cold" if system == "local" else "warm"
-            out.append(
-                f"| {SYSTEMS[system]}, {state} | {spread(epochs[system], '.2f')} "
-                f"| {ratios(epochs[system], epochs['local'])} |"
-            )
+            cells = []
+            for unbuffered in (False, True):
+                mine, local = epochs[(system, unbuffered)], epochs[("local", unbuffered)]
+                cells += [spread(mine, ".2f"), ratios(mine, local)]
+            out.append(f"| {SYSTEMS[system]}, {state} | " + " | ".join(cells) + " |")
+        out.append(
+            "\nBuffered: `open(path, 'rb')` as most Datasets do (one more request per file: "
+            "the isatty IOCTL of Python's buffered open); unbuffered: `buffering=0` "
+            "(docs/performance.md)."
+        )
     return "\n".join(out)
 
 
