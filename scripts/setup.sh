@@ -33,7 +33,7 @@ rm -f "$log"
 # mount, and a session loop that takes a waiting request before it waits through trio's
 # scheduler (non-blocking /dev/fuse) and starts another task only for a handler that waits.
 # Built once from the pinned sdist; later runs see the marker and skip it.
-if ! .venv/bin/python -c 'import pyfuse3; assert pyfuse3.CACHEFS_PATCH >= 5' 2>/dev/null; then
+if ! .venv/bin/python -c 'import pyfuse3; assert pyfuse3.CACHEFS_PATCH >= 6' 2>/dev/null; then
     build=$(mktemp -d) log=$(mktemp)
     .venv/bin/pip download -q --no-deps --no-binary :all: pyfuse3==3.5.0 -d "$build" >"$log" 2>&1 \
         || { cat "$log"; exit 1; }
