@@ -50,6 +50,7 @@ from benchmarks.harness import (  # noqa: E402
     git_state,
     machine,
     mount_pid,
+    process_cpu_seconds,
     read_pass,
     stop,
     unbuffered_file_reader,
@@ -193,6 +194,13 @@ class Run:
     def cluster_stats(self) -> dict:
         return worker_stats_at([self.worker.address], self.master.secret)
 
+    def serving_pid(self, system: str) -> int | None:
+        """The process that serves `system`'s mount (None: local disk). With --procs > 1 its
+        helpers serve too; their CPU is not counted."""
+        if system == "minimal":
+            return self.minimal_proc.pid
+        return mount_pid(self.mounts[system]) if system in CACHEFS_SYSTEMS else None
+
     def remote_reads(self, system: str) -> int | None:
         """The worker's reads from the source so far (a warm pass must make none)."""
         if system == "cluster":
@@ -245,7 +253,8 @@ def main() -> None:
     trace = FuseRequestTrace(f"cachefs-bench-warm-{os.getpid()}")
     rates: dict[tuple[str, str], list[float]] = {}
     requests: dict[tuple[str, str], list[Counter]] = {}
-    epochs: dict[str, list[float]] = {}
+    epochs: dict[tuple[str, bool], list[float]] = {}
+    cpu: dict[tuple[str, bool], list[float]] = {}  # the serving process's CPU µs per file
     setup: list[str] = []
     try:
         source, manifest = ensure_dataset(data_dir, shape)
@@ -313,9 +322,14 @@ def main() -> None:
             if not args.no_torch:
                 for system, unbuffered in itertools.product(SYSTEMS, (False, True)):
                     root = source if system == "local" else run.mounts[system]
+                    pid = run.serving_pid(system)
                     drop_caches()
+                    used = process_cpu_seconds(pid) if pid else 0.0
                     seconds = dataloader_seconds(root, data_dir / "manifest.json", args, unbuffered)
                     epochs.setdefault((system, unbuffered), []).append(seconds)
+                    if pid:
+                        used = process_cpu_seconds(pid) - used
+                        cpu.setdefault((system, unbuffered), []).append(used / len(order) * 1e6)
                     reader = "unbuffered" if unbuffered else "buffered"
                     print(f"  {system} DataLoader epoch, {reader}: {seconds:.2f} s", flush=True)
     finally:
@@ -325,13 +339,13 @@ def main() -> None:
         for note in run.notes:
             print(f"cleanup: {note}", file=sys.stderr)
 
-    text = report(args, info, setup, rates, requests, epochs, trace.unavailable, started)
+    text = report(args, info, setup, rates, requests, epochs, cpu, trace.unavailable, started)
     print(text)
     if args.results:
         replace_section(args.results, TITLE, text)
 
 
-def report(args, info, setup, rates, requests, epochs, trace_unavailable, started) -> str:
+def report(args, info, setup, rates, requests, epochs, cpu, trace_unavailable, started) -> str:
     files = info["files"]
     rounds = f"{args.rounds} round{'s' if args.rounds > 1 else ''}"
     command = ["python", "benchmarks/bench_warm.py", "--files", str(args.files), "--rounds",
@@ -412,21 +426,28 @@ def report(args, info, setup, rates, requests, epochs, trace_unavailable, starte
         out.append("Not run (--no-torch).")
     else:
         out += [
-            "| system | seconds, buffered reads | time / local disk | seconds, unbuffered reads "
-            "| time / local disk, unbuffered |",
-            "|---|---:|---:|---:|---:|",
+            "| system | seconds, buffered reads | time / local disk | serving CPU µs/file "
+            "| seconds, unbuffered reads | time / local disk, unbuffered | serving CPU µs/file |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for system in SYSTEMS:
             state = "cold" if system == "local" else "warm"
             cells = []
             for unbuffered in (False, True):
                 mine, local = epochs[(system, unbuffered)], epochs[("local", unbuffered)]
-                cells += [spread(mine, ".2f"), ratios(mine, local)]
+                used = cpu.get((system, unbuffered))
+                cells += [
+                    spread(mine, ".2f"),
+                    ratios(mine, local),
+                    spread(used, ".0f") if used else "–",
+                ]
             out.append(f"| {SYSTEMS[system]}, {state} | " + " | ".join(cells) + " |")
         out.append(
             "\nBuffered: `open(path, 'rb')` as most Datasets do (one more request per file: "
             "the isatty IOCTL of Python's buffered open); unbuffered: `buffering=0` "
-            "(docs/performance.md)."
+            "(docs/performance.md). Serving CPU: user + system CPU time of the process that "
+            "serves the mount (/proc/PID/stat) during the epoch, per file; the loader's own "
+            "processes share the same 2 cores."
         )
     return "\n".join(out)
 

@@ -474,6 +474,12 @@ def mount_pid(mountpoint: Path) -> int:
     return record["pid"]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def listening_ports(pid: int) -> list[int]:
     conns = psutil.Process(pid).net_connections(kind="tcp")
     return sorted({c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN})
