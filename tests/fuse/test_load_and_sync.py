@@ -3,8 +3,10 @@ a real S3 server behind a counting/fault-injecting proxy, and real mounts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 import time
 from collections import Counter
 
@@ -223,3 +225,36 @@ def test_replicas_file_lists_metadata_only_and_bad_schedules(cluster, tmp_path):
     assert "periodic" in cron.stdout
     jobs = cli(master, "job", "ls")
     assert "cron '0 3 * * *'" in jobs.stdout
+
+
+def test_a_read_waiting_on_the_store_holds_up_no_other_read(cluster, mounts, tmp_path, moto_server):
+    """One serving process (the patched pyfuse3 loop starts another task only for a handler
+    that waits): while a read of an uncached file waits on a stalled store, first reads of
+    cached files through the same process are answered."""
+    master, _ = cluster
+    source = tmp_path / "source"
+    digests = make_files(source, 60, max_size=30_000, seed=14)
+    proxy = S3Proxy(moto_server.endpoint)
+    try:
+        bucket = upload(moto_server, source, digests)
+        add_s3_dataset(master, "ds", bucket, proxy)
+        assert cli(master, "load", "ds").returncode == 0  # every file in the worker's cache
+        moto_server.upload(bucket, {"data/late.bin": b"l" * 25_000})
+        assert "added 1" in cli(master, "dataset", "sync", "ds").stdout  # known, not cached
+        mnt = mounts.mount("ds", "--master", master.address, "--procs", "1")
+
+        proxy.delay = 8.0  # every store request from here on
+        asked = proxy.requests
+        late: dict = {}
+        waiting = threading.Thread(target=lambda: late.update(read_all(mnt, ["late.bin"])))
+        waiting.start()
+        deadline = time.monotonic() + 30
+        while proxy.requests == asked:  # the worker's fill reached the stalled store
+            assert time.monotonic() < deadline, "the uncached read never reached the store"
+            time.sleep(0.01)
+        assert read_all(mnt, digests) == digests  # first reads: LOOKUP and READ each
+        assert waiting.is_alive(), "the cached reads waited for the stalled one"
+        waiting.join(60)
+        assert late == {"late.bin": hashlib.sha256(b"l" * 25_000).hexdigest()}
+    finally:
+        proxy.stop()
