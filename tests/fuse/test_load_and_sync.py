@@ -31,6 +31,13 @@ def add_s3_dataset(master, name, bucket, proxy, prefix="data"):
     assert result.returncode == 0, result.stderr
 
 
+def s3_dataset(master, moto_server, proxy, name, source, digests) -> str:
+    """The files of `digests` in a new bucket, added as dataset `name` through `proxy`."""
+    bucket = upload(moto_server, source, digests)
+    add_s3_dataset(master, name, bucket, proxy)
+    return bucket
+
+
 def status(master) -> dict:
     result = cli(master, "status", "--json")
     assert result.returncode == 0, result.stderr
@@ -236,8 +243,7 @@ def test_a_read_waiting_on_the_store_holds_up_no_other_read(cluster, mounts, tmp
     digests = make_files(source, 60, max_size=30_000, seed=14)
     proxy = S3Proxy(moto_server.endpoint)
     try:
-        bucket = upload(moto_server, source, digests)
-        add_s3_dataset(master, "ds", bucket, proxy)
+        bucket = s3_dataset(master, moto_server, proxy, "ds", source, digests)
         assert cli(master, "load", "ds").returncode == 0  # every file in the worker's cache
         moto_server.upload(bucket, {"data/late.bin": b"l" * 25_000})
         assert "added 1" in cli(master, "dataset", "sync", "ds").stdout  # known, not cached
