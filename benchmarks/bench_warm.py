@@ -446,7 +446,7 @@ def report(args, info, setup, rates, requests, epochs, cpu, trace_unavailable, s
             "\nBuffered: `open(path, 'rb')` as most Datasets do (one more request per file: "
             "the isatty IOCTL of Python's buffered open); unbuffered: `buffering=0` "
             "(docs/performance.md). Serving CPU: user + system CPU time of the process that "
-            "serves the mount (/proc/PID/stat) during the epoch, per file; the loader's own "
+            "serves the mount during the epoch, per file; the loader's own "
             "processes share the same 2 cores."
         )
     return "\n".join(out)

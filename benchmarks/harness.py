@@ -475,9 +475,9 @@ def mount_pid(mountpoint: Path) -> int:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time `pid` has used so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time `pid` has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def listening_ports(pid: int) -> list[int]:

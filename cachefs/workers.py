@@ -129,7 +129,7 @@ class WorkerDirectory:
             if until <= now:  # suspicion over: the common case costs nothing again
                 del self._suspect_until[worker_id]
         healthy = [w for w in order if w not in self._suspect_until]
-        return healthy + [w for w in order if w not in healthy]
+        return healthy + [w for w in order if w in self._suspect_until]
 
     def suspect(self, worker_id: str) -> None:
         self._suspect_until[worker_id] = self._clock() + SUSPECT_SECONDS

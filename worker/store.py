@@ -153,7 +153,9 @@ class BlockStore:
             return None
         return self._verified(key, loc, self.tiers["mem"].view(loc.slot, loc.length))
 
-    def _verified(self, key: bytes, loc: Location, data: bytes | memoryview):
+    def _verified(
+        self, key: bytes, loc: Location, data: bytes | memoryview
+    ) -> bytes | memoryview | None:
         """`data` read from `loc` if its checksum holds (a hit), else None and dropped."""
         if checksum(data) != loc.checksum:
             self.counters.corrupt += 1

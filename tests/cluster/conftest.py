@@ -476,7 +476,7 @@ class Cluster:
                 "--secret-file",
                 str(self.secret_file),
                 *args,
-            ),  # fmt: skip
+            ),
             timeout=300,
         )
         assert result.returncode == 0, result.stderr
