@@ -1,168 +1,39 @@
 """Access to the remote store ("UFS") a dataset lives in: a local dir, S3, HDFS or WebHDFS.
 
-Everything goes through a pyarrow filesystem (for file://, `localfs.JailedLocalFs`, which
-answers the same calls but never resolves a path out of the root). Its calls block, so each
-one runs in a worker thread bounded by a CapacityLimiter, under a per-call deadline, with
-retries of transient failures only. Failures leave this module as `cachefs.errors` types
-whose one-line messages name the remote path.
+S3 goes through obstore (cachefs.ufs_s3: one GET per cold read, flat listings); the others
+through a pyarrow filesystem (for file://, `localfs.JailedLocalFs`, which answers the same
+calls but never resolves a path out of the root). The calls block, so each runs in a thread,
+at most `limiter` at once, under a per-call deadline, with retries (backoff and jitter) of
+transient failures only; a GET that is slow beyond the recent tail gets a hedged twin. Failures
+leave this module as `cachefs.errors` types whose one-line messages name the remote path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import posixpath
-import re
+import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import pyarrow.fs as pafs
 import tenacity
 import trio
 
 from cachefs import errors, metrics
+from cachefs.hedging import HedgePolicy
 from cachefs.localfs import JailedLocalFs, LocalInfo, LocalWalk
 from cachefs.ufs_errors import _endpoint, _is_transient, _one_line, _translate
+from cachefs.ufs_s3 import S3Objects
+from cachefs.ufs_uri import (  # noqa: F401 - the names callers import from here
+    SCHEMES,
+    DatasetUri,
+    RemoteEntry,
+    _clean_parts,
+    _typed_options,
+    parse_uri,
+)
 
 _T = TypeVar("_T")
-
-SCHEMES = ("file", "s3", "hdfs", "webhdfs")
-_FORMS = "file:///abs/dir, s3://bucket/prefix, hdfs://namenode:8020/path, webhdfs://host:9870/path"
-
-# Options each scheme accepts (URI query or `-o KEY=VALUE`), with their value types.
-_OPTIONS: dict[str, dict[str, type]] = {
-    "file": {},
-    "s3": {
-        **dict.fromkeys(
-            ("endpoint_override", "scheme", "region", "access_key", "secret_key")
-            + ("session_token", "role_arn", "session_name", "external_id")
-            + ("proxy_options", "tls_ca_file_path"),
-            str,
-        ),
-        **dict.fromkeys(("anonymous", "force_virtual_addressing"), bool),
-        **dict.fromkeys(("connect_timeout", "request_timeout"), float),
-    },
-    "hdfs": {"user": str, "kerb_ticket": str, "buffer_size": int},
-    "webhdfs": {
-        **dict.fromkeys(("user", "password", "token"), str),
-        **dict.fromkeys(("kerberos", "use_https", "session_verify"), bool),
-    },
-}
-_URI_SAFE = "/:@!$&'()*+,;=-._~"  # characters that stay literal in a normalised URI
-_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteEntry:
-    path: str  # relative POSIX path below the dataset root, never "" in listings
-    is_dir: bool
-    size: int  # 0 for directories
-    mtime_ns: int  # 0 if unknown
-    etag: str | None = None
-    # Permission bits and numeric owner of a file:// entry (of a link's target); None elsewhere.
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DatasetUri:
-    scheme: str
-    host: str  # S3 bucket or namenode; "" for file:// (and for hdfs:// = fs.defaultFS)
-    port: int | None
-    path: str  # absolute dir for file/hdfs/webhdfs; key prefix without edge slashes for s3
-    options: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def root(self) -> str:
-        """The dataset root as a path for the pyarrow filesystem."""
-        if self.scheme == "s3":
-            return f"{self.host}/{self.path}" if self.path else self.host
-        return self.path
-
-    def display(self, rel: str = "") -> str:
-        """A readable URI of `rel` below the root, for messages (never shows options)."""
-        if self.scheme == "s3":
-            key = "/".join(p for p in (self.path, rel) if p)
-            return f"s3://{self.host}/{key}" if key else f"s3://{self.host}"
-        netloc = f"{self.host}:{self.port}" if self.host and self.port else self.host
-        return f"{self.scheme}://{netloc}{posixpath.join(self.path, rel) if rel else self.path}"
-
-    @property
-    def uri(self) -> str:
-        """The normalised URI: it parses back to the same root (options are kept apart)."""
-        scheme, rest = self.display().split("://", 1)
-        return f"{scheme}://{quote(rest, safe=_URI_SAFE)}"
-
-
-def _invalid(uri: str, why: str) -> errors.InvalidArgument:
-    shown = uri.split("?", 1)[0]  # the query may carry secret_key: never echo it
-    return errors.InvalidArgument(f"invalid dataset URI {shown!r}: {why} (supported: {_FORMS})")
-
-
-def _clean_parts(path: str) -> list[str] | None:
-    """Path components without "" and "."; None if there is a ".." (we never climb out)."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    return None if ".." in parts else parts
-
-
-def _typed_options(scheme: str, options: dict[str, str]) -> dict[str, Any]:
-    """Options converted to the types pyarrow/fsspec expect; ValueError names the bad one."""
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        kind = _OPTIONS[scheme][key]
-        try:
-            out[key] = _BOOLS[value.lower()] if kind is bool else kind(value)
-        except (KeyError, ValueError):
-            raise ValueError(f"option {key}={value!r} is not a valid {kind.__name__}") from None
-    if out.get("scheme", "https") not in ("http", "https"):
-        raise ValueError(f"option scheme={out['scheme']!r} must be http or https")
-    return out
-
-
-def parse_uri(uri: str, options: dict[str, str] | None = None) -> DatasetUri:
-    """Validate a dataset URI; query parameters merge with `options` (options win)."""
-    try:
-        parts = urlsplit(uri.strip())
-        query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
-        port = parts.port
-    except (AttributeError, ValueError) as exc:
-        raise _invalid(str(uri), f"malformed ({exc})") from None
-    scheme = parts.scheme.lower()
-    if scheme not in SCHEMES:
-        raise _invalid(uri, f"unsupported scheme {scheme + '://' if scheme else '(none)'}")
-    if parts.fragment:
-        raise _invalid(uri, "a '#fragment' is not allowed")
-    merged = {**query, **(options or {})}
-    unknown = sorted(set(merged) - set(_OPTIONS[scheme]))
-    if unknown:
-        known = ", ".join(sorted(_OPTIONS[scheme])) or "none"
-        raise _invalid(uri, f"unknown option(s) {', '.join(unknown)} for {scheme}:// ({known})")
-    try:
-        _typed_options(scheme, merged)
-    except ValueError as exc:
-        raise _invalid(uri, str(exc)) from None
-    clean = _clean_parts(unquote(parts.path))
-    if clean is None:
-        raise _invalid(uri, "'..' is not allowed in the path")
-    host = parts.netloc
-    if scheme == "file":
-        if host not in ("", "localhost") or not parts.path.startswith("/"):
-            raise _invalid(uri, "file:// needs an absolute path, e.g. file:///data/set")
-        return DatasetUri("file", "", None, "/" + "/".join(clean), merged)
-    if scheme == "s3":
-        # Credentials go in options or the AWS env vars, never in the URI authority.
-        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,62}", host):
-            raise _invalid(uri, f"{host!r} is not a valid S3 bucket name")
-        return DatasetUri("s3", host, None, "/".join(clean), merged)
-    if "@" in host:
-        raise _invalid(uri, "put the user in options (user=...), not in the URI")
-    hostname = parts.hostname or ""
-    if scheme == "webhdfs" and not hostname:
-        raise _invalid(uri, "webhdfs:// needs a host, e.g. webhdfs://namenode:9870/path")
-    default_port = 9870 if scheme == "webhdfs" else (8020 if hostname else None)
-    return DatasetUri(scheme, hostname, port or default_port, "/" + "/".join(clean), merged)
 
 
 def _build_filesystem(u: DatasetUri) -> tuple[pafs.FileSystem | JailedLocalFs, Any]:
@@ -171,18 +42,6 @@ def _build_filesystem(u: DatasetUri) -> tuple[pafs.FileSystem | JailedLocalFs, A
     try:
         if u.scheme == "file":
             return JailedLocalFs(u.root), None
-        if u.scheme == "s3":
-            # Small timeouts and few SDK retries: an unreachable endpoint must fail in seconds
-            # (our own retries sit on top). request_timeout only works on macOS/Windows builds;
-            # the per-call trio deadline is what bounds a hung request on Linux.
-            opts = {"connect_timeout": 3.0, "request_timeout": 20.0, **opts}
-            s3 = pafs.S3FileSystem(
-                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=2),
-                allow_bucket_creation=False,
-                allow_bucket_deletion=False,
-                **opts,
-            )
-            return s3, None
         if u.scheme == "hdfs":
             return pafs.HadoopFileSystem(u.host or "default", u.port or 0, **opts), None
         from fsspec.implementations.webhdfs import WebHDFS  # pure Python; only when used
@@ -227,14 +86,24 @@ class RemoteStore:
         *,
         limiter: trio.CapacityLimiter | None = None,
         timeout: float = 30.0,
-        max_attempts: int = 5,
+        max_attempts: int = 10,
     ):
         self._u = parse_uri(uri, options)
         self.uri = self._u.uri
+        # Calls in flight. A call given up on (deadline, lost hedge) frees its slot at once;
+        # its thread runs on until the request ends, and `_threads` bounds those.
         self._limiter = limiter or trio.CapacityLimiter(16)
+        self._threads = trio.CapacityLimiter(max(64, 4 * int(self._limiter.total_tokens)))
         self._timeout = timeout
         self._max_attempts = max(1, max_attempts)
-        self._fs, self._fsspec = _build_filesystem(self._u)
+        self._hedge = HedgePolicy()
+        self._s3: S3Objects | None = None
+        self._fs: Any = None
+        self._fsspec: Any = None
+        if self._u.scheme == "s3":
+            self._s3 = S3Objects(self._u, timeout, self._stale_message)
+        else:
+            self._fs, self._fsspec = _build_filesystem(self._u)
         self._closed = False
 
     def close(self) -> None:
@@ -262,9 +131,10 @@ class RemoteStore:
                     with attempt:
                         if attempt.retry_state.attempt_number > 1:
                             metrics.UFS_REQUESTS.labels("retried").inc()
-                        result = await trio.to_thread.run_sync(
-                            fn, *args, limiter=self._limiter, abandon_on_cancel=True
-                        )
+                        async with self._limiter:
+                            result = await trio.to_thread.run_sync(
+                                fn, *args, limiter=self._threads, abandon_on_cancel=True
+                            )
                         metrics.UFS_REQUESTS.labels("ok").inc()
                         return result
         except trio.TooSlowError:
@@ -290,10 +160,6 @@ class RemoteStore:
     def _entry(self, info: pafs.FileInfo | LocalInfo, rel: str) -> RemoteEntry | None:
         mtime = info.mtime_ns or 0
         owner = (info.mode, info.uid, info.gid) if isinstance(info, LocalInfo) else ()
-        if self._u.scheme == "s3":
-            # Listings carry milliseconds, HEAD only seconds: keep one resolution so a file's
-            # cache key is the same whichever call produced it.
-            mtime -= mtime % 1_000_000_000
         if info.type == pafs.FileType.Directory:
             return RemoteEntry(rel, True, 0, mtime, None, *owner)
         if info.type == pafs.FileType.File:
@@ -301,6 +167,8 @@ class RemoteStore:
         return None  # missing, or something that is neither file nor dir
 
     def _stat_sync(self, rel: str) -> RemoteEntry | None:
+        if self._s3 is not None:
+            return self._s3.stat(rel)
         return self._entry(self._fs.get_file_info(self._full(rel)), rel)
 
     def _walk_sync(self, walk: LocalWalk, n: int) -> list[RemoteEntry]:
@@ -318,6 +186,8 @@ class RemoteStore:
         return out
 
     def _read_sync(self, rel: str, offset: int, length: int | None) -> bytes:
+        if self._s3 is not None:
+            return self._s3.get(rel, offset, length)
         with self._fs.open_input_file(self._full(rel)) as f:
             if length is None:
                 return f.read()
@@ -381,21 +251,55 @@ class RemoteStore:
         return data
 
     async def read_version(
-        self, path: str, offset: int, length: int, size: int, mtime_ns: int
-    ) -> bytes:
-        """Like read_range, but only from the file version (size, mtime) a sync recorded.
+        self, path: str, offset: int, length: int, size: int, mtime_ns: int,
+        etag: str | None = None,
+    ) -> bytes:  # fmt: skip
+        """Like read_range, but only from the file version (size, mtime, etag) a sync recorded.
 
-        Raises StaleVersion if the remote file is another version before or after the read,
-        so a cache never stores, and a reader never gets, bytes of a version it did not ask for.
+        Raises StaleVersion if the remote file is another version, so a cache never stores,
+        and a reader never gets, bytes of a version it did not ask for. On S3 this is one GET
+        (the version checked on its answer), hedged when it is slow.
         """
         rel = _clean_rel(path)
         if offset < 0 or length < 0:
             raise errors.InvalidArgument(f"invalid range {offset}+{length} for {path!r}")
-        data = await self._run(
-            "read", rel, self._read_version_sync, rel, offset, length, size, mtime_ns
-        )
+        if self._s3 is not None:
+            expect = (size, mtime_ns, etag)
+            data = await self._hedged(rel, self._s3.get, rel, offset, length, expect)
+        else:
+            data = await self._run(
+                "read", rel, self._read_version_sync, rel, offset, length, size, mtime_ns
+            )
         metrics.UFS_READ_BYTES.inc(len(data))
         return data
+
+    async def _hedged(self, rel: str, fn: Callable[..., bytes], *args: Any) -> bytes:
+        """`fn` under `_run`; if it is slower than the policy allows, a second one races it.
+        The first answer wins and the other is abandoned (its slot freed at once)."""
+        wait = self._hedge.delay()
+        answers: list[bytes] = []
+        failures: list[errors.CacheFsError] = []
+
+        async def attempt(after: float, done: trio.CancelScope) -> None:
+            if after:
+                await trio.sleep(after)
+                metrics.UFS_REQUESTS.labels("hedged").inc()
+            started = time.monotonic()
+            try:
+                answers.append(await self._run("read", rel, fn, *args))
+            except errors.CacheFsError as exc:
+                failures.append(exc)  # final: transient ones were retried inside _run
+            else:
+                self._hedge.record(time.monotonic() - started)
+            done.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attempt, 0.0, nursery.cancel_scope)
+            if wait is not None:
+                nursery.start_soon(attempt, wait, nursery.cancel_scope)
+        if answers:
+            return answers[0]
+        raise failures[0]
 
     async def read_file(self, path: str) -> bytes:
         rel = _clean_rel(path)
@@ -406,9 +310,9 @@ class RemoteStore:
     async def iter_tree(self, batch_size: int = 5000) -> AsyncIterator[list[RemoteEntry]]:
         """Everything below the root, in batches of at most `batch_size` (any order).
 
-        Memory stays bounded: a local tree is walked with os.scandir; other stores are listed
-        one directory per call (for S3 a delimiter listing, so every implied directory shows
-        up), several directories at a time. The deadline applies to each step, not the walk.
+        Memory stays bounded (by the number of directories at most): a local tree is walked
+        with os.scandir; S3 is listed flat, 1,000 keys per request; HDFS one directory per
+        call, several at a time. The deadline applies to each step, not the walk.
         """
         if batch_size < 1:
             raise errors.InvalidArgument(f"batch_size must be positive, not {batch_size}")
@@ -424,6 +328,10 @@ class RemoteStore:
             finally:
                 walk.close()
             return
+        if self._s3 is not None:
+            async for batch in self._iter_flat(batch_size):
+                yield batch
+            return
         pending, buf = [""], []  # a stack: depth-first keeps the pending list short
         fanout = int(min(self._limiter.total_tokens, 32))
         while pending:
@@ -436,6 +344,28 @@ class RemoteStore:
                 del buf[:batch_size]
         if buf:
             yield buf
+
+    async def _iter_flat(self, batch_size: int) -> AsyncIterator[list[RemoteEntry]]:
+        """An object store's keys, 1,000 per request; directories implied by the keys (each
+        one before the first file below it)."""
+        after: str | None = None
+        seen_dirs: set[str] = set()
+        buf: list[RemoteEntry] = []
+        while True:
+            page, after = await self._run("list", "", self._s3.list_page, after)
+            for entry in page:
+                parts = entry.path.split("/")
+                for depth in range(1, len(parts)):
+                    parent = "/".join(parts[:depth])
+                    if parent not in seen_dirs:
+                        seen_dirs.add(parent)
+                        buf.append(RemoteEntry(parent, True, 0, 0))
+                buf.append(entry)
+            while len(buf) >= batch_size or (buf and after is None):
+                yield buf[:batch_size]
+                del buf[:batch_size]
+            if after is None:
+                return
 
     async def _list_many(self, dirs: list[str]) -> list[list[RemoteEntry]]:
         """List `dirs` concurrently; the first failure cancels the rest and is raised."""

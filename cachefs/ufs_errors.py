@@ -6,26 +6,32 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from obstore.exceptions import BaseError as ObstoreError
+
 from cachefs import errors
 
 if TYPE_CHECKING:
-    from cachefs.ufs import DatasetUri
+    from cachefs.ufs_uri import DatasetUri
 
-# pyarrow reports most remote failures as plain OSError, so the message decides the kind.
+# pyarrow reports most remote failures as plain OSError, obstore most as GenericError, so the
+# message decides the kind.
 _DENIED = re.compile(
     r"ACCESS_DENIED|AccessDenied|INVALID_ACCESS_KEY|SIGNATURE_DOES_NOT_MATCH|"
-    r"HTTP status 40[13]|Forbidden"
+    r"HTTP status 40[13]|status code: 40[13]|Forbidden|Unauthorized"
 )
 _MISSING = re.compile(r"NO_SUCH_BUCKET|NoSuchBucket|NO_SUCH_KEY|HTTP status 404")
 _UNREACHABLE = re.compile(
     r"NETWORK_CONNECTION|Could not connect|Connection refused|Connection reset|Broken pipe|"
     r"timed out|Timeout was reached|Max retries exceeded|Could not resolve|"
-    r"Name or service not known|Temporary failure in name resolution",
+    r"Name or service not known|Temporary failure in name resolution|"
+    r"error sending request|error reading a body|connection closed before message completed|"
+    r"IncompleteMessage|connection error",
     re.I,
 )
 _BUSY = re.compile(
     r"SLOW_DOWN|SlowDown|THROTTLING|Throttl|TooManyRequests|REQUEST_TIMEOUT|RequestTimeout|"
-    r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|HTTP status 5\d\d"
+    r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|HTTP status 5\d\d|"
+    r"status code: 5\d\d"
 )
 
 
@@ -43,7 +49,7 @@ def _kind(exc: BaseException) -> type[errors.CacheFsError]:
     ):
         if isinstance(exc, os_type):
             return kind
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError | ObstoreError):
         msg = str(exc)
         if _DENIED.search(msg):
             return errors.PermissionDenied

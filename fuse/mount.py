@@ -127,8 +127,12 @@ def set_read_ahead(mountpoint: Path, kb: int) -> None:
         log.warning("cannot set the readahead of %s to %d KiB: %s", mountpoint, kb, exc)
 
 
-async def ensure_embedded_dataset(master, uri: str, options: dict[str, str]) -> None:
-    """Adds the dataset on first use; later mounts re-sync it (incremental).
+async def ensure_embedded_dataset(
+    master, uri: str, options: dict[str, str], resync: bool = False
+) -> None:
+    """Adds (and so lists) the dataset on first use. Later mounts serve the snapshot they have
+    without listing the store (as Alluxio does by default); `resync` lists it again
+    (incremental), as `cachefs dataset sync` does.
 
     `master` is the in-process master (a LocalClient): embedded mode needs no socket for this.
     """
@@ -136,13 +140,15 @@ async def ensure_embedded_dataset(master, uri: str, options: dict[str, str]) -> 
     try:
         info = await master.call("dataset_spec", name=EMBEDDED_DATASET)
     except NotFound:
-        await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
-    else:
-        if (info["uri"], info["options"]) != (wanted.uri, wanted.options):
-            await master.call("dataset_remove", name=EMBEDDED_DATASET)
-            await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
-    report = await master.call("dataset_sync", name=EMBEDDED_DATASET, timeout=6 * 3600)
-    log.info("embedded dataset synced: %s", report)
+        info = None
+    if info is not None and (info["uri"], info["options"]) != (wanted.uri, wanted.options):
+        await master.call("dataset_remove", name=EMBEDDED_DATASET)
+        info = None
+    if info is None:
+        info = await master.call("dataset_add", name=EMBEDDED_DATASET, uri=uri, options=options)
+    if resync or not info.get("last_sync"):  # never listed completely yet
+        report = await master.call("dataset_sync", name=EMBEDDED_DATASET, timeout=6 * 3600)
+        log.info("embedded dataset synced: %s", report)
 
 
 def embedded_state_dir(base: Path, uri: str) -> Path:
@@ -158,6 +164,7 @@ async def run_embedded(
     store_factory,
     opts: MountOptions,
     *,
+    resync: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Master + worker + FUSE client in this process; reports the master's address.
@@ -179,7 +186,7 @@ async def run_embedded(
                 secret=opts.secret, publish_secret=True,
             )
         )  # fmt: skip
-        await ensure_embedded_dataset(LocalClient(local["master"]), uri, options)
+        await ensure_embedded_dataset(LocalClient(local["master"]), uri, options, resync)
         store = store_factory(state / "worker")
         try:
             await nursery.start(

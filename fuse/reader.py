@@ -68,7 +68,9 @@ class DataReader:
                 log.info("worker %s could not serve %s: %s", worker_id, path, exc.message)
         self.direct_reads += 1
         remote = await self._direct()
-        return await remote.read_version(path, offset, length, attr.size, attr.mtime_ns)
+        return await remote.read_version(
+            path, offset, length, attr.size, attr.mtime_ns, attr.etag
+        )
 
     def read_now(
         self, path: str, attr: Attr, offset: int, length: int

@@ -115,9 +115,10 @@ class MasterService:
         return _public(self.store.dataset(name))
 
     async def rpc_dataset_spec(self, name: str) -> dict:
-        """URI and options with their credentials, for workers and mounts (authenticated)."""
+        """URI and options with their credentials, for workers and mounts (authenticated);
+        the last complete sync (None: never listed to the end)."""
         info = self.store.dataset(name)
-        return {"uri": info["uri"], "options": info["options"]}
+        return {"uri": info["uri"], "options": info["options"], "last_sync": info["last_sync"]}
 
     async def rpc_dataset_remove(self, name: str) -> None:
         self.store.dataset(name)

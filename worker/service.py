@@ -89,7 +89,7 @@ class WorkerService:
         if offset >= end:
             return b"", True
         key = cache_key(dataset, path, size, mtime_ns, etag)
-        version = (size, mtime_ns)
+        version = (size, mtime_ns, etag)
         if size <= BLOCK_SIZE:
             data, hit = await self._object(key, dataset, path, version, 0, size)
             return data[offset:end], hit

@@ -39,6 +39,9 @@ from cachefs.credentials import client_secret, server_secret
 @click.option("--procs", type=click.IntRange(min=1), default=None,
               help="serving processes of the mount [default: cores / 2, 1 to 4]")  # fmt: skip
 @click.option("--allow-other", is_flag=True, help="let other users read the mount")
+@click.option("--resync", is_flag=True,
+              help="embedded: list the store again before serving (else a dataset synced "
+                   "before is served from its snapshot)")  # fmt: skip
 @secret_option
 @metrics_option
 @errors_to_exit
@@ -57,6 +60,7 @@ def mount(
     read_ahead_kb,
     procs,
     allow_other,
+    resync,
     secret_file,
     metrics,
 ):
@@ -115,7 +119,7 @@ def mount(
 
         serve = functools.partial(
             mounting.run_embedded, source, uri_options, mountpoint_path, state_dir,
-            store_factory, opts,
+            store_factory, opts, resync=resync,
         )  # fmt: skip
     else:
         serve = functools.partial(

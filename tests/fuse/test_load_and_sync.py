@@ -57,10 +57,12 @@ def test_loaded_dataset_is_served_with_the_store_gone(cluster, mounts, tmp_path,
         loaded = cli(master, "load", "ds")
         assert loaded.returncode == 0, loaded.stderr
         assert "600/600 files" in loaded.stdout and "0 failed" in loaded.stdout
-        assert sum(proxy.gets.values()) == 600 - empty  # each file with data fetched once
+        fetched = sum(proxy.gets.values())
+        assert len(proxy.gets) == 600 - empty  # each file with data fetched,
+        assert fetched <= 1.05 * (600 - empty)  # once, but for hedges of slow GETs
         again = cli(master, "load", "ds")  # re-running fetches nothing
         assert "600 already cached" in again.stdout
-        assert sum(proxy.gets.values()) == 600 - empty
+        assert sum(proxy.gets.values()) == fetched
         check = cli(master, "load", "ds", "--check")
         assert "600/600 files cached (100.0%)" in check.stdout
 

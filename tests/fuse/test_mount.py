@@ -127,3 +127,21 @@ def test_bad_sources_fail_clearly(mounts, tmp_path):
                            name="m2", check=False)  # fmt: skip
     assert missing.returncode == 1 and "does not exist" in missing.stderr
     assert not os.path.ismount(tmp_path / "m2")
+
+
+def test_a_remount_serves_its_snapshot_and_resync_lists_again(mounts, tmp_path):
+    source = tmp_path / "source"
+    digests = make_files(source, 50, seed=5)
+    mnt = mounts.embedded(source.as_uri())
+    assert read_all(mnt, digests) == digests
+
+    def remount(*args):
+        assert run_cli("umount", str(mnt)).returncode == 0
+        return mounts.embedded(source.as_uri(), *args)
+
+    (source / "added-later.bin").write_bytes(b"new")
+    mnt = remount()  # the dataset was synced before: no listing, the snapshot as it was
+    assert not (mnt / "added-later.bin").exists()
+    assert read_all(mnt, digests) == digests  # its cache is still there
+    mnt = remount("--resync")
+    assert (mnt / "added-later.bin").read_bytes() == b"new"

@@ -17,7 +17,7 @@ import trio
 
 from cachefs import errors
 from cachefs.ufs import RemoteEntry, RemoteStore, _translate, _WebHdfsHandler, parse_uri
-from tests.faults import FaultyFs
+from tests.faults import FaultyFs, S3Proxy
 
 
 async def collect(store: RemoteStore, batch_size: int = 5000) -> dict[str, RemoteEntry]:
@@ -175,10 +175,13 @@ async def test_hung_call_times_out_and_releases_the_caller(make_tree):
         with pytest.raises(errors.TimedOut, match=r"stat of file://.*/a.bin did not finish within"):
             await store.stat("a.bin")
         assert time.monotonic() - started < 2
-        assert limiter.borrowed_tokens == 1  # the abandoned thread still holds its token
+        # The caller's slot is free for the next call; the abandoned thread runs on under the
+        # store's thread cap until its request ends.
+        assert limiter.borrowed_tokens == 0
+        assert store._threads.borrowed_tokens == 1
     finally:
         release.set()
-    await wait_drained(limiter, seconds=10)
+    await wait_drained(store._threads, seconds=10)
 
 
 async def test_limiter_bounds_concurrent_calls(make_tree):
@@ -265,10 +268,14 @@ async def test_s3_missing_things(s3_tree, moto_server, s3_uri_options):
     with pytest.raises(errors.NotADirectory):
         await RemoteStore(f"s3://{bucket}/top.bin", s3_uri_options).check()
 
-    store._fs = FaultyFs(store._fs)
-    with pytest.raises(errors.NotFound):
-        await store.read_file("nope")
-    assert store._fs.calls == 1  # not retried
+    proxy = S3Proxy(moto_server.endpoint)
+    try:
+        counted = RemoteStore(f"s3://{bucket}/data", proxy.options)
+        with pytest.raises(errors.NotFound):
+            await counted.read_file("nope")
+        assert proxy.requests == 1  # not retried
+    finally:
+        proxy.stop()
 
 
 async def test_s3_unreachable_endpoint_fails_fast():
