@@ -132,9 +132,7 @@ class S3Objects:
         last = page[-1]["path"][len(self._prefix) :] if len(page) == LIST_PAGE else None
         return out, last
 
-    def get(
-        self, rel: str, offset: int, length: int | None, expect: tuple | None = None
-    ) -> bytes:
+    def get(self, rel: str, offset: int, length: int | None, expect: tuple | None = None) -> bytes:
         """Bytes [offset, offset+length) in one GET (the whole object if length is None).
 
         With `expect` = (size, mtime_ns, etag) the GET serves only that version: StaleVersion

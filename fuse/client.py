@@ -20,6 +20,8 @@ from cachefs import metrics
 from cachefs.errors import CacheFsError
 from cachefs.fuse.metacache import MetaCache
 from cachefs.fuse.operations import CacheFsOperations
+from cachefs.fuse.prefetch import WINDOW as PREFETCH_WINDOW
+from cachefs.fuse.prefetch import SiblingPrefetcher
 from cachefs.fuse.reader import DataReader
 from cachefs.fuse.vfs import Vfs
 from cachefs.rpc import LocalClient, RpcClient
@@ -38,6 +40,7 @@ class MountOptions:
     read_ahead_kb: int = 1024  # the mount's kernel readahead; 0 keeps the kernel's (128)
     allow_other: bool = False  # other users may read the mount only on request
     change_poll: float = 2.0  # seconds between polls for re-syncs
+    prefetch: int = PREFETCH_WINDOW  # files warmed after a cold read in a directory; 0: off
     procs: int = 1  # serving processes of the mount (fuse/serving.py); the CLI's default: cores
     secret: bytes | None = None
     secret_file: str | None = None  # where `secret` came from (printed for embedded mounts)
@@ -96,7 +99,11 @@ async def open_client(
             remote.append(RemoteStore(info["uri"], info["options"]))
         return remote[0]
 
-    vfs = Vfs(dataset, master, DataReader(dataset, workers, direct), nursery, meta)
+    reader = DataReader(dataset, workers, direct)
+    if opts.prefetch > 0:
+        prefetcher = SiblingPrefetcher(dataset, master, workers, nursery, window=opts.prefetch)
+        reader.on_miss = prefetcher.after_cold_read
+    vfs = Vfs(dataset, master, reader, nursery, meta)
     await vfs.start()
     ops = CacheFsOperations(
         vfs,

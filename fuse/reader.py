@@ -37,6 +37,8 @@ class DataReader:
         self.workers = workers
         self._direct = direct
         self.direct_reads = 0
+        # Called with the path of a read the cache did not have (fuse/prefetch.py), if set.
+        self.on_miss: Callable[[str], None] | None = None
 
     def key(self, path: str, attr: Attr) -> bytes:
         return cache_key(self.dataset, path, attr.size, attr.mtime_ns, attr.etag)
@@ -52,10 +54,12 @@ class DataReader:
         for worker_id in ranked:
             try:
                 client = await self.workers.client(worker_id)
-                _, data = await client.call_with_payload(
+                header, data = await client.call_with_payload(
                     "read", dataset=self.dataset, path=path, size=attr.size,
                     mtime_ns=attr.mtime_ns, etag=attr.etag, offset=offset, length=length,
                 )  # fmt: skip
+                if self.on_miss is not None and not header.get("hit", True):
+                    self.on_miss(path)
                 return data
             except (Unavailable, KeyError) as exc:  # KeyError: the worker left meanwhile
                 log.info("worker %s failed (%s); trying the next source", worker_id, exc)

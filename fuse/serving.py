@@ -93,6 +93,7 @@ def helper_spec(dataset: str, master_address, opts: MountOptions, meta_path: Pat
         "attr_timeout": opts.attr_timeout,
         "op_timeout": opts.op_timeout,
         "change_poll": opts.change_poll,
+        "prefetch": opts.prefetch,
         "allow_other": opts.allow_other,
         "log_level": logging.getLogger().getEffectiveLevel(),
     }
@@ -178,7 +179,7 @@ async def serve_helper(spec: dict) -> None:
     opts = MountOptions(
         entry_timeout=spec["entry_timeout"], attr_timeout=spec["attr_timeout"],
         op_timeout=spec["op_timeout"], change_poll=spec["change_poll"],
-        allow_other=spec["allow_other"], tls=tls,
+        prefetch=spec["prefetch"], allow_other=spec["allow_other"], tls=tls,
         secret=bytes.fromhex(spec["secret"]) if spec["secret"] else None,
     )  # fmt: skip
     fd = spec["fd"]

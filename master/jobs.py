@@ -32,7 +32,9 @@ log = logging.getLogger("cachefs.master.jobs")
 
 BATCH_FILES = 256
 BATCHES_IN_FLIGHT_PER_WORKER = 4
+ORDERED_BATCH_FILES = 32  # an ordered load's batches: small, so the order holds
 MAX_FAILURES_KEPT = 100
+LOAD_RETRY_PAUSES = (1.0, 5.0)  # seconds before each new try of a batch's failed files
 PROGRESS_SAVE_SECONDS = 0.5
 COUNTERS = ("files", "bytes", "done_files", "done_bytes", "cached_files", "cached_bytes",
             "failed_files", "failed_bytes")  # fmt: skip
@@ -88,14 +90,18 @@ class LoadJobs:
         replicas: int,
         metadata_only: bool,
         schedule: dict | None,
+        window: int | None = None,
     ) -> dict:
         self.store.dataset(dataset)
         if replicas < 1:
             raise InvalidArgument("--replicas must be at least 1")
+        if window is not None and (window < 1 or not files):
+            raise InvalidArgument("--window needs an order (a list of files) and must be >= 1")
         job = {
             "dataset": dataset,
             "paths": [p.strip("/") for p in paths] or [""],
             "files": files,
+            "window": window,  # files in flight, in the order of `files` (None: any order)
             "replicas": replicas,
             "metadata_only": metadata_only,
             "schedule": schedule,
@@ -206,37 +212,82 @@ class LoadJobs:
         progress["files"] = copies
         progress["bytes"] = sum(spec[1] for specs in by_worker.values() for spec in specs)
         saver = _ProgressSaver(self.store, job)
-        async with trio.open_nursery() as nursery:
-            for worker_id, specs in by_worker.items():
-                nursery.start_soon(self._feed_worker, job, worker_id, specs, saver)
+        if job.get("window"):
+            await self._load_in_order(job, files, saver)
+        else:
+            async with trio.open_nursery() as nursery:
+                for worker_id, specs in by_worker.items():
+                    nursery.start_soon(self._feed_worker, job, worker_id, specs, saver)
         saver.save(force=True)
+
+    async def _load_in_order(self, job, files, saver) -> None:
+        """An order hint (`cachefs prefetch --order`): small batches in the readers' order, at
+        most `window` files in flight, so the files needed first are fetched first."""
+        from cachefs.meta import cache_key
+
+        size = max(1, min(ORDERED_BATCH_FILES, job["window"]))
+        slots = trio.Semaphore(max(1, job["window"] // size))
+        unlimited = trio.Semaphore(len(files) + 1)  # slots already bound the batches
+
+        async def one(chunk, held):
+            by_worker: dict[str, list[list]] = defaultdict(list)
+            for path, spec in chunk:
+                key = cache_key(job["dataset"], path, spec[1], spec[2], spec[3])
+                for worker_id in self.workers.ranked(key)[: job["replicas"]]:
+                    by_worker[worker_id].append(spec)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for worker_id, specs in by_worker.items():
+                        nursery.start_soon(self._batch, job, worker_id, specs, saver, unlimited)
+            finally:
+                held.release()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(0, len(files), size):
+                await slots.acquire()
+                nursery.start_soon(one, files[i : i + size], slots)
 
     async def _feed_worker(self, job, worker_id, specs, saver) -> None:
         limiter = trio.Semaphore(BATCHES_IN_FLIGHT_PER_WORKER)
-
-        async def batch(chunk):
-            async with limiter:
-                outcomes = await self._prefetch(job["dataset"], worker_id, chunk)
-            p = job["progress"]
-            for spec, outcome in zip(chunk, outcomes, strict=True):
-                state = outcome if outcome in ("fetched", "cached") else "failed"
-                metrics.LOAD_FILES.labels(job["dataset"], state).inc()
-                if outcome in ("fetched", "cached"):
-                    p["done_files"] += 1
-                    p["done_bytes"] += spec[1]
-                    if outcome == "cached":
-                        p["cached_files"] += 1
-                        p["cached_bytes"] += spec[1]
-                else:
-                    p["failed_files"] += 1
-                    p["failed_bytes"] += spec[1]
-                    if len(job["failures"]) < MAX_FAILURES_KEPT:
-                        job["failures"].append([spec[0], outcome])
-            saver.save()
-
         async with trio.open_nursery() as nursery:
             for i in range(0, len(specs), BATCH_FILES):
-                nursery.start_soon(batch, specs[i : i + BATCH_FILES])
+                nursery.start_soon(
+                    self._batch, job, worker_id, specs[i : i + BATCH_FILES], saver, limiter
+                )
+
+    async def _batch(self, job, worker_id, chunk, saver, limiter) -> None:
+        """One prefetch call's files, tried again while some fail; then counted."""
+        outcomes = [""] * len(chunk)
+        pending = list(range(len(chunk)))
+        for pause in (*LOAD_RETRY_PAUSES, None):
+            async with limiter:
+                got = await self._prefetch(
+                    job["dataset"], worker_id, [chunk[i] for i in pending]
+                )
+            for i, outcome in zip(pending, got, strict=True):
+                outcomes[i] = outcome
+            # A file fails the job only after these rounds: a flaky store or a worker that
+            # restarts costs time, not files.
+            pending = [i for i in pending if outcomes[i] not in ("fetched", "cached")]
+            if not pending or pause is None:
+                break
+            await trio.sleep(pause)
+        p = job["progress"]
+        for spec, outcome in zip(chunk, outcomes, strict=True):
+            state = outcome if outcome in ("fetched", "cached") else "failed"
+            metrics.LOAD_FILES.labels(job["dataset"], state).inc()
+            if outcome in ("fetched", "cached"):
+                p["done_files"] += 1
+                p["done_bytes"] += spec[1]
+                if outcome == "cached":
+                    p["cached_files"] += 1
+                    p["cached_bytes"] += spec[1]
+            else:
+                p["failed_files"] += 1
+                p["failed_bytes"] += spec[1]
+                if len(job["failures"]) < MAX_FAILURES_KEPT:
+                    job["failures"].append([spec[0], outcome])
+        saver.save()
 
     async def _prefetch(self, dataset: str, worker_id: str, chunk: list) -> list:
         """Per file: "fetched", "cached", or an error message."""

@@ -311,10 +311,12 @@ class MasterService:
         metadata_only: bool = False,
         every: float | None = None,
         cron: str | None = None,
+        window: int | None = None,
     ) -> dict:
         schedule = check_schedule(every, cron)
-        job = self.jobs.submit(dataset, paths or [], files, replicas, metadata_only, schedule)
-        return job
+        return self.jobs.submit(
+            dataset, paths or [], files, replicas, metadata_only, schedule, window
+        )
 
     async def rpc_job(self, job_id: int) -> dict:
         return self.store.job(job_id)

@@ -76,6 +76,11 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
         master, secret_file, "load_start", dataset=name, paths=list(paths), files=files,
         replicas=replicas, metadata_only=metadata_only, every=parse_duration(every), cron=cron,
     )  # fmt: skip
+    _report(job, no_wait, master, secret_file)
+
+
+def _report(job: dict, no_wait: bool, master, secret_file) -> None:
+    """Prints a submitted job's id, or follows it to its end (exit status 1 if files failed)."""
     if no_wait or job["schedule"]:
         click.echo(f"job {job['id']} submitted" + (" (periodic)" if job["schedule"] else ""))
         return
@@ -85,6 +90,24 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
         for path, message in job["failures"][:10]:
             click.echo(f"  failed: {path}: {message}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--order", "order_list", type=click.File(), required=True,
+              help="the readers' order: one path per line (e.g. the epoch's sampler order)")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(min=1),
+              help="files fetched at once, in that order")
+@click.option("--no-wait", is_flag=True, help="print the job id and return")
+@master_option
+@secret_option
+@errors_to_exit
+def prefetch(name, order_list, window, no_wait, master, secret_file):
+    """Fetch files of dataset NAME into the cache in the order the readers will read them."""
+    files = [line.strip() for line in order_list if line.strip()]
+    job = call_master(master, secret_file, "load_start", dataset=name, files=files,
+                      window=window)  # fmt: skip
+    _report(job, no_wait, master, secret_file)
 
 
 async def _follow_job(client: RpcClient, job_id: int) -> dict:

@@ -39,6 +39,9 @@ from cachefs.credentials import client_secret, server_secret
 @click.option("--procs", type=click.IntRange(min=1), default=None,
               help="serving processes of the mount [default: cores / 2, 1 to 4]")  # fmt: skip
 @click.option("--allow-other", is_flag=True, help="let other users read the mount")
+@click.option("--prefetch", type=click.IntRange(min=0), default=None,
+              help="files warmed after a cold read in a directory, 0: off [default: "
+                   "fuse/prefetch.py WINDOW, 32]")  # fmt: skip
 @click.option("--resync", is_flag=True,
               help="embedded: list the store again before serving (else a dataset synced "
                    "before is served from its snapshot)")  # fmt: skip
@@ -60,6 +63,7 @@ def mount(
     read_ahead_kb,
     procs,
     allow_other,
+    prefetch,
     resync,
     secret_file,
     metrics,
@@ -99,12 +103,13 @@ def mount(
         secret, secret_path = server_secret(secret_file, state_dir)  # the embedded master's
     else:
         secret = client_secret(secret_file, master_address(master))
+    tuned = {} if prefetch is None else {"prefetch": prefetch}
     opts = mounting.MountOptions(
         entry_timeout=attr_timeout, attr_timeout=attr_timeout, op_timeout=op_timeout,
         read_ahead_kb=read_ahead_kb, allow_other=allow_other, secret=secret,
         procs=procs or default_procs(),
         secret_file=str(secret_path.resolve()) if secret_path else None,
-        tls=None if embedded else current_tls(),
+        tls=None if embedded else current_tls(), **tuned,
     )  # fmt: skip
     if embedded:
         from cachefs.worker.store import BlockStore
