@@ -29,6 +29,7 @@ from cachefs.worker.store import BlockStore
 
 log = logging.getLogger("cachefs.worker")
 
+FILL_PARALLELISM = 32  # remote reads a worker runs at once (benchmarks/results.md, cold path)
 MAX_READ = 64 << 20  # one read RPC returns at most this much
 PREFETCH_MAX = 10_000
 TOUCHED_DATASETS_MAX = 64
@@ -50,7 +51,7 @@ class WorkerService:
         store: BlockStore,
         remote_for: Callable[[str], Awaitable[RemoteStore]],
         *,
-        fill_parallelism: int = 32,
+        fill_parallelism: int = FILL_PARALLELISM,
     ):
         """`remote_for(dataset)` returns the RemoteStore of a dataset (asks the master)."""
         self.store = store
@@ -302,7 +303,11 @@ class MasterLink:
         info = await self.client.call("dataset_spec", name=dataset)  # with its credentials
         spec = (info["uri"], tuple(sorted(info["options"].items())))
         if known is None or known[0] != spec:  # new, or removed and added again elsewhere
-            known = (spec, RemoteStore(info["uri"], info["options"]), 0.0)
+            # Calls in flight: every fill (WorkerService's fill_parallelism) plus a hedge each.
+            remote = RemoteStore(
+                info["uri"], info["options"], limiter=trio.CapacityLimiter(2 * FILL_PARALLELISM)
+            )
+            known = (spec, remote, 0.0)
         self._remotes[dataset] = (known[0], known[1], trio.current_time() + DATASET_TTL)
         return known[1]
 
