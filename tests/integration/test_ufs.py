@@ -17,7 +17,8 @@ import trio
 
 from cachefs import errors
 from cachefs.ufs import RemoteEntry, RemoteStore, _translate, _WebHdfsHandler, parse_uri
-from tests.faults import FaultyFs, S3Proxy
+from tests.faults import FaultyFs
+from tests.store_proxy import StoreProxy
 
 
 async def collect(store: RemoteStore, batch_size: int = 5000) -> dict[str, RemoteEntry]:
@@ -254,6 +255,88 @@ async def test_s3_reads_match_source(s3_tree, s3_uri_options):
         assert await store.read_range(rel, len(data) + 5, 10) == b""
 
 
+async def test_s3_listing_is_flat_and_a_read_is_one_get(s3_tree, moto_server):
+    bucket, tree = s3_tree
+    with StoreProxy(moto_server.endpoint) as proxy:
+        store = RemoteStore(f"s3://{bucket}/data", proxy.options)
+        found = await collect(store)
+        counts = proxy.counts()
+        assert counts["requests"] == counts["lists"] == 1  # < 1,000 keys: one page
+        for rel, data in tree.files.items():
+            entry = found[rel]
+            assert entry.etag  # recorded, so the cache key and the GET can use it
+            proxy.reset_counts()
+            got = await store.read_version(rel, 0, 1 << 20, entry.size, entry.mtime_ns, entry.etag)
+            assert got == data
+            assert proxy.counts()["requests"] == (1 if data else 0)  # no HEAD, before or after
+        big = max(tree.files, key=lambda rel: len(tree.files[rel]))
+        entry = found[big]
+        proxy.reset_counts()
+        part = await store.read_version(big, 3, 10, entry.size, entry.mtime_ns, entry.etag)
+        assert part == tree.files[big][3:13]
+        assert proxy.counts()["gets"] == 1  # a ranged GET
+
+
+async def test_s3_a_changed_object_is_refused_by_its_get(s3_tree, moto_server):
+    bucket, tree = s3_tree
+    rel = max(tree.files, key=lambda rel: len(tree.files[rel]))
+    size = len(tree.files[rel])
+    with StoreProxy(moto_server.endpoint) as proxy:
+        store = RemoteStore(f"s3://{bucket}/data", proxy.options)
+        entry = await store.stat(rel)
+        moto_server.upload(bucket, {f"data/{rel}": b"N" * size})  # same size, new content
+        proxy.reset_counts()
+        with pytest.raises(errors.StaleVersion, match="changed in the remote store"):
+            await store.read_version(rel, 0, size, size, entry.mtime_ns, entry.etag)
+        assert proxy.counts()["requests"] == 1  # the conditional GET itself, not retried
+        # A snapshot without ETags (synced by an older cachefs): size and mtime decide.
+        moto_server.upload(bucket, {f"data/{rel}": b"N" * (size + 1)})
+        with pytest.raises(errors.StaleVersion):
+            await store.read_version(rel, 0, size, size, entry.mtime_ns, None)
+
+
+async def test_s3_transient_failures_are_retried_until_they_pass(s3_tree, moto_server):
+    bucket, tree = s3_tree
+    rel = max(tree.files, key=lambda rel: len(tree.files[rel]))
+    with StoreProxy(moto_server.endpoint, seed=3) as proxy:
+        store = RemoteStore(f"s3://{bucket}/data", proxy.options)
+        entry = await store.stat(rel)
+        proxy.set(fail_rate=0.3, reset_rate=0.3)
+        for _ in range(20):
+            got = await store.read_version(rel, 0, entry.size, entry.size, entry.mtime_ns,
+                                           entry.etag)  # fmt: skip
+            assert got == tree.files[rel]
+        counts = proxy.counts()
+        assert counts["failed"] > 0 and counts["reset"] > 0  # faults really happened
+
+
+async def test_s3_a_stalled_get_is_hedged(s3_tree, moto_server):
+    bucket, tree = s3_tree
+    rel = max(tree.files, key=lambda rel: len(tree.files[rel]))
+    with StoreProxy(moto_server.endpoint) as proxy:
+        store = RemoteStore(f"s3://{bucket}/data", proxy.options)
+        entry = await store.stat(rel)
+        args = (rel, 0, entry.size, entry.size, entry.mtime_ns, entry.etag)
+        for _ in range(store._hedge.min_samples):  # the policy learns the store's latency
+            await store.read_version(*args)
+        proxy.set(stall_rate=1.0, stall_seconds=10.0)
+        proxy.reset_counts()
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def read():
+                got.append(await store.read_version(*args))
+
+            nursery.start_soon(read)
+            while proxy.counts()["stalled"] == 0:  # noqa: ASYNC110 - the first GET is held ...
+                await trio.sleep(0.005)
+            proxy.set(stall_rate=0.0)  # ... its hedge will not be
+        assert got == [tree.files[rel]]
+        assert time.monotonic() - started < 5.0  # well before the stall's 10 s
+        assert proxy.counts()["gets"] == 2
+
+
 async def test_s3_missing_things(s3_tree, moto_server, s3_uri_options):
     bucket, _ = s3_tree
     store = RemoteStore(f"s3://{bucket}/data", s3_uri_options)
@@ -268,14 +351,11 @@ async def test_s3_missing_things(s3_tree, moto_server, s3_uri_options):
     with pytest.raises(errors.NotADirectory):
         await RemoteStore(f"s3://{bucket}/top.bin", s3_uri_options).check()
 
-    proxy = S3Proxy(moto_server.endpoint)
-    try:
+    with StoreProxy(moto_server.endpoint) as proxy:
         counted = RemoteStore(f"s3://{bucket}/data", proxy.options)
         with pytest.raises(errors.NotFound):
             await counted.read_file("nope")
-        assert proxy.requests == 1  # not retried
-    finally:
-        proxy.stop()
+        assert proxy.counts()["requests"] == 1  # not retried
 
 
 async def test_s3_unreachable_endpoint_fails_fast():
