@@ -283,7 +283,11 @@ class RemoteStore:
         async def attempt(after: float, done: trio.CancelScope) -> None:
             if after:
                 await trio.sleep(after)
+                if not self._hedge.take_hedge():
+                    return  # over budget: the store is slow for every GET, not for this one
                 metrics.UFS_REQUESTS.labels("hedged").inc()
+            else:
+                self._hedge.started()
             started = time.monotonic()
             try:
                 answers.append(await self._run("read", rel, fn, *args))

@@ -51,3 +51,17 @@ def test_a_slow_tail_below_the_cap_sets_the_delay():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError, match="quantile"):
         HedgePolicy(**kwargs)
+
+
+def test_hedges_stay_within_their_budget():
+    policy = HedgePolicy(budget=0.05, burst=2.0)
+    assert policy.take_hedge() and policy.take_hedge()  # the burst
+    assert not policy.take_hedge()
+    for _ in range(19):
+        policy.started()
+    assert not policy.take_hedge()  # 19 GETs earn 0.95 of a hedge
+    policy.started()
+    assert policy.take_hedge()  # the 20th: 1 hedge per 20 GETs, 5%
+    for _ in range(1000):
+        policy.started()
+    assert sum(policy.take_hedge() for _ in range(10)) == 2  # a long quiet run: still the burst
