@@ -67,7 +67,6 @@ class SiblingPrefetcher:
         self.window = window
         self.max_dirs = max_dirs
         self._dirs: OrderedDict[str, _Directory] = OrderedDict()
-        self.requested_files = 0  # for tests and metrics
 
     def after_cold_read(self, path: str) -> None:
         """A read of `path` had to go to the store: warm what follows it. Never blocks."""
@@ -139,7 +138,6 @@ class SiblingPrefetcher:
             ranked = self.workers.ranked(key)
             if ranked:
                 by_owner[ranked[0]].append([path, attr.size, attr.mtime_ns, attr.etag])
-        self.requested_files += sum(len(files) for files in by_owner.values())
 
         async def one(worker_id: str, files: list[list]) -> None:
             try:
