@@ -17,12 +17,12 @@ every file once per row, in this order:
     The worker's counters confirm it: cold = one remote read per file (per 4 MiB block),
     warm and second epoch = no remote read.
 
-`--delay-ms D` puts a small TCP proxy (a subprocess, benchmarks/harness.py) between every S3
-reader and moto that holds the first chunk of each HTTP response for D ms, a crude stand-in for
-a remote store's first-byte latency; without it "remote" is loopback-fast.
+`--delay-ms D` puts an HTTP proxy (tests/store_proxy.py, a subprocess) between every S3 reader
+and moto that holds each answer D ms, a crude stand-in for a remote store's first-byte
+latency; without it "remote" is loopback-fast.
 
 The dataset, the store, the proxy and the verified reader are shared with run_all.py
-(benchmarks/dataset.py, benchmarks/harness.py).
+(benchmarks/dataset.py, benchmarks/harness.py, tests/store_proxy.py).
 
     python benchmarks/bench_read.py                 # ~3,000 files (needs root for drop_caches)
     python benchmarks/bench_read.py --quick         # ~1,000 files
@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.dataset import Shape, make_dataset  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     CpuMeter,
-    DelayProxy,
     drop_caches,
     embedded_worker_stats,
     file_reader,
@@ -67,6 +66,7 @@ from benchmarks.harness import profiled as _profiled  # noqa: E402
 from benchmarks.results import replace_section, rerun_command  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE  # noqa: E402
 from tests.procs import run_cli  # noqa: E402
+from tests.store_proxy import StoreProxy  # noqa: E402
 
 MiB = 1 << 20
 BUCKET, PREFIX = "bench-read", "rawframes"
@@ -132,7 +132,7 @@ def run(args, workdir: Path) -> tuple[list[dict], dict]:
             flush=True,
         )
         if args.delay_ms:
-            proxy = DelayProxy(endpoint, args.delay_ms)
+            proxy = StoreProxy(endpoint, subprocess=True, delay=args.delay_ms / 1000)
             endpoint = proxy.endpoint
         order = sorted(manifest)
         random.Random(args.seed + 1).shuffle(order)
@@ -268,7 +268,7 @@ def main() -> None:
         command = rerun_command("benchmarks/bench_read.py")
         cores = os.cpu_count()
         remote = (
-            f"each S3 response held {args.delay_ms:g} ms by a TCP proxy"
+            f"each S3 response held {args.delay_ms:g} ms by a proxy"
             if args.delay_ms
             else 'so the "remote" store is about loopback-fast (no --delay-ms)'
         )

@@ -1,19 +1,15 @@
 """Shared pieces of the read benchmarks: the remote store, verified readers, mounts, profiling.
 
-- the store: a moto S3 server on 127.0.0.1 (`start_store`, `upload`) behind `DelayProxy`, a
-  TCP proxy subprocess that holds the first chunk of every response for D ms (a remote store's
-  first-byte latency) and counts the responses;
+- the store: a moto S3 server on 127.0.0.1 (`start_store`, `upload`); the benchmarks put
+  tests/store_proxy.py (a subprocess) in front of it for a remote store's latency and counts;
 - readers that verify every byte against the dataset manifest (`read_pass`: N threads over one
   shuffled order; `metadata_pass`: walk + stat); a mismatch raises `ContentError`;
 - `CpuMeter` (CPU seconds per process during a block), `drop_caches`, FUSE unmounts, py-spy
   (`profiled`, `summarize_profile`), apt installs of the peers (`ensure_tools`).
-
-Run as a script only as the proxy subprocess: `harness.py --proxy-serve PORT TARGET DELAY_MS`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
@@ -24,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -38,7 +33,7 @@ import xxhash
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dataset import Manifest  # noqa: E402
-from tests.conftest import MotoServer, _free_port, _start_moto  # noqa: E402
+from tests.conftest import MotoServer, _start_moto  # noqa: E402
 
 MiB = 1 << 20
 AWS_ENV = {
@@ -74,107 +69,6 @@ def upload(
     server.create_bucket(bucket)
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(put, manifest))
-
-
-async def _proxy(listen_port: int, target: str, delay: float) -> None:
-    """Forwards TCP connections to `target`; the first chunk of each response waits `delay` s.
-
-    A response is what the server sends after the client sent something (S3 clients send one
-    request and wait for its answer on a connection), so each HTTP response is held once.
-    """
-    host, port = target.rsplit(":", 1)
-    counts = {"responses": 0, "bytes": 0}
-
-    async def handle(client_r, client_w) -> None:
-        try:
-            server_r, server_w = await asyncio.open_connection(host, int(port))
-        except OSError:
-            client_w.close()
-            return
-        awaiting = [False]  # a request went up since the last response started
-
-        async def up() -> None:
-            try:
-                while data := await client_r.read(1 << 16):
-                    awaiting[0] = True
-                    server_w.write(data)
-                    await server_w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    server_w.close()
-
-        async def down() -> None:
-            try:
-                while data := await server_r.read(1 << 16):
-                    if awaiting[0]:
-                        awaiting[0] = False
-                        counts["responses"] += 1
-                        if delay:
-                            await asyncio.sleep(delay)
-                    counts["bytes"] += len(data)
-                    client_w.write(data)
-                    await client_w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    client_w.close()
-
-        await asyncio.gather(up(), down())
-
-    async def control() -> None:
-        """One line per "stats" line on stdin: the counters so far."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
-            if line.strip() == b"stats":
-                print(f"responses {counts['responses']} bytes {counts['bytes']}", flush=True)
-        os._exit(0)  # stdin closed: the harness is gone
-
-    server = await asyncio.start_server(handle, "127.0.0.1", listen_port, backlog=1024)
-    print("proxy ready", flush=True)
-    async with server:
-        await asyncio.gather(server.serve_forever(), control())
-
-
-class DelayProxy:
-    """The delay proxy subprocess in front of `target` ("HOST:PORT"); `endpoint` is its own."""
-
-    def __init__(self, target: str, delay_ms: float):
-        port = _free_port()
-        self.delay_ms = delay_ms
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--proxy-serve", str(port), target, str(delay_ms)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        if self.proc.stdout.readline().strip() != "proxy ready":
-            self.proc.kill()
-            raise RuntimeError("the delay proxy did not start")
-        self.endpoint = f"127.0.0.1:{port}"
-        self._lock = threading.Lock()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def responses(self) -> int:
-        """Responses forwarded so far (each one held delay_ms)."""
-        with self._lock:
-            self.proc.stdin.write("stats\n")
-            self.proc.stdin.flush()
-            line = self.proc.stdout.readline().split()
-        return int(line[1])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            stop(self.proc)
 
 
 def pyarrow_s3(endpoint: str):
@@ -774,9 +668,3 @@ def ensure_bench_extra(repo: Path) -> str | None:
         return f"{', '.join(still)} missing (pip: {result.stderr.strip()[-300:]})"
     return None
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--proxy-serve":
-        asyncio.run(_proxy(int(sys.argv[2]), sys.argv[3], float(sys.argv[4]) / 1000))
-    else:
-        sys.exit(f"usage: {sys.argv[0]} --proxy-serve PORT TARGET DELAY_MS (the benchmarks run it)")

@@ -1,8 +1,8 @@
 """Every way to read the training set, in one run: local disk, the store, cachefs, rclone, s3fs.
 
 One seeded rawframes-like dataset (benchmarks/dataset.py) is written to local disk and uploaded
-to a moto S3 server on 127.0.0.1; every remote reader goes through a proxy that holds the first
-chunk of each response --delay-ms (default 2 ms), a remote store's first-byte latency. Then,
+to a moto S3 server on 127.0.0.1; every remote reader goes through a proxy (tests/store_proxy.py)
+that holds each answer --delay-ms (default 2 ms), a remote store's first-byte latency. Then,
 in this order, each system is measured with the same readers:
 
   * read pass: N threads (--threads 8) read every file once, whole, in one seeded shuffled
@@ -75,6 +75,7 @@ from benchmarks.results import replace_section  # noqa: E402
 from cachefs.worker.tier import BLOCK_SIZE  # noqa: E402
 from tests.conftest import _free_port  # noqa: E402
 from tests.procs import ServiceProcess, master_process, run_cli  # noqa: E402
+from tests.store_proxy import StoreProxy  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET, PREFIX = "bench-all", "rawframes"
@@ -212,7 +213,7 @@ class Bench:
         self.stack.callback(harness.stop, moto)
         harness.upload(self.server, BUCKET, PREFIX, self.local, self.manifest, 8)
         setup["upload to the store"] = time.perf_counter() - t
-        self.proxy = harness.DelayProxy(self.server.endpoint, args.delay_ms)
+        self.proxy = StoreProxy(self.server.endpoint, subprocess=True, delay=args.delay_ms / 1000)
         self.stack.callback(self.proxy.stop)
         self.endpoint = self.proxy.endpoint
         self.meter = CpuMeter(moto=moto.pid, proxy=self.proxy.pid)
@@ -250,14 +251,14 @@ class Bench:
         while True:
             if drop:
                 drop_caches()
-            before = self.proxy.responses()
+            before = self.proxy.counts()["requests"]
             host_before = host_busy()
             one_cpu: dict = {}
             one_split: dict = {}
             with self.meter.measure(one_cpu, one_split):
                 result = fn()
             host += host_busy() - host_before
-            responses += self.proxy.responses() - before
+            responses += self.proxy.counts()["requests"] - before
             cpu.update(one_cpu)
             for name, (user, system) in one_split.items():
                 acc = split.setdefault(name, [0.0, 0.0])

@@ -204,10 +204,11 @@ def make_tree(tmp_path: Path):
 
 @pytest.fixture
 def s3_proxy(moto_server: MotoServer):
-    """An S3Proxy (tests/faults.py) in front of the session's moto server; stopped at the end."""
-    from tests.faults import S3Proxy
+    """A StoreProxy (tests/store_proxy.py) in front of the session's moto server; stopped at
+    the end."""
+    from tests.store_proxy import StoreProxy
 
-    proxy = S3Proxy(moto_server.endpoint)
+    proxy = StoreProxy(moto_server.endpoint)
     try:
         yield proxy
     finally:

@@ -1,9 +1,10 @@
 """A cachefs cluster spread over network namespaces, for multi-host fault tests.
 
-Hosts (see tests/cluster/netns.py): `store` (an S3 proxy listening on the store's address in
-front of the session's moto server), `master`, workers `w1`..`w3` (more on demand), and FUSE
-clients `c1`, `c2`. Every cachefs process runs in its host via nsenter and listens on its host's
-address, so all cachefs traffic crosses the veths and the bridge, where a test can cut it.
+Hosts (see tests/cluster/netns.py): `store` (tests/store_proxy.py listening on the store's
+address in front of the session's moto server), `master`, workers `w1`..`w3` (more on demand),
+and FUSE clients `c1`, `c2`. Every cachefs process runs in its host via nsenter and listens on
+its host's address, so all cachefs traffic crosses the veths and the bridge, where a test can
+cut it.
 
 Fixtures:
 - `frames` (module): a bucket with a small dataset (300 files of up to 16 KiB) and its digests;
@@ -17,19 +18,14 @@ A session finalizer deletes any namespace this run made and left behind.
 from __future__ import annotations
 
 import atexit
-import http.client
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -37,6 +33,7 @@ import pytest
 from tests.cluster.netns import Host, Network, cleanup_run
 from tests.fuse.conftest import make_files
 from tests.procs import ServiceProcess, cachefs_cmd, run_cli, wait_for_line
+from tests.store_proxy import StoreProxy
 
 MASTER_PORT = 19470
 WORKER_PORT = 19471
@@ -76,138 +73,6 @@ def _leftover_namespaces():
 
 
 # --- the store -----------------------------------------------------------------------------
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):  # peers hang up mid-answer: expected
-        pass
-
-
-class StoreProxy:
-    """The store host: an HTTP proxy listening on its address in front of the session's moto
-    server, so workers and clients reach the store over the network. Like tests.faults.S3Proxy
-    it counts object GETs (`gets`, by bucket/key), answers a share `fail_rate` of requests with
-    S3's 503 SlowDown and delays answers by `delay` s; unlike it, a failed HEAD gets no body
-    (S3Proxy writes one, which a keep-alive client then parses as the next response's status
-    line: "Invalid status line").
-
-    The listener lives in the store's namespace; upstream requests go to moto from the test
-    process's namespace.
-    """
-
-    def __init__(self, host: Host, upstream: str, port: int = STORE_PORT, seed: int = 0):
-        self.upstream = upstream
-        self.fail_rate = 0.0
-        self.delay = 0.0
-        self.gets: Counter = Counter()
-        self.requests = 0
-        self.failed = 0
-        self.stalled_requests = 0
-        self._rng = random.Random(seed)
-        self._lock = threading.Lock()
-        self._stalls: threading.Event | None = None
-        handler = self._handler_class()
-        self._server = host.bind_here(lambda: _QuietServer((host.ip, port), handler))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        self.endpoint = f"{host.ip}:{port}"
-
-    def _handler_class(self):
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # quiet
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                with proxy._lock:
-                    proxy.requests += 1
-                    fail = proxy._rng.random() < proxy.fail_rate
-                    proxy.failed += fail
-                    if self.command == "GET" and "?" not in self.path:
-                        proxy.gets[self.path.lstrip("/")] += 1
-                    delay = proxy.delay
-                if delay:
-                    time.sleep(delay)
-                if fail:
-                    self._reply(
-                        503,
-                        [("Content-Type", "application/xml")],
-                        b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>",
-                    )
-                    return  # fmt: skip
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                    headers["Host"] = proxy.upstream
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    reply = conn.getresponse()
-                    data = reply.read()
-                finally:
-                    conn.close()
-                skip = {"transfer-encoding", "connection", "content-length"}
-                kept = [(k, v) for k, v in reply.getheaders() if k.lower() not in skip]
-                if self.command == "HEAD":  # its Content-Length describes the object
-                    kept.append(("Content-Length", reply.getheader("Content-Length") or "0"))
-                self._reply(reply.status, kept, data)
-
-            def _reply(self, status: int, headers: list, data: bytes) -> None:
-                self.send_response(status)
-                for key, value in headers:
-                    self.send_header(key, value)
-                if self.command != "HEAD":
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":  # a HEAD answer never has a body
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-        return Handler
-
-    @property
-    def options(self) -> dict[str, str]:
-        return {"endpoint_override": self.endpoint, "scheme": "http"}
-
-    def total_gets(self) -> int:
-        with self._lock:
-            return sum(self.gets.values())
-
-    def gets_now(self) -> Counter:
-        """A copy of the GET counts by bucket/key."""
-        with self._lock:
-            return Counter(self.gets)
-
-    def stall_now_and_then(self, stall: float = 2.0, window: float = 0.3, every: float = 2.0):
-        """From now on, requests arriving in a `window` s every `every` s wait `stall` s."""
-        stop = self._stalls = threading.Event()
-
-        def loop():
-            while not stop.wait(every):
-                before = self.requests
-                self.delay = stall
-                stop.wait(window)
-                self.delay = 0.0
-                self.stalled_requests += self.requests - before
-
-        threading.Thread(target=loop, daemon=True).start()
-
-    def calm(self) -> None:
-        """No more injected failures or stalls."""
-        if self._stalls is not None:
-            self._stalls.set()
-        self.fail_rate = 0.0
-        self.delay = 0.0
-
-    def stop(self) -> None:
-        self.calm()
-        self._server.shutdown()
-        self._server.server_close()
 
 
 @dataclass
@@ -326,7 +191,13 @@ class Cluster:
         try:
             for name in ("store", "master", *workers, *clients):
                 self.net.add_host(name)
-            self.store = StoreProxy(self.net["store"], moto_endpoint)
+            # The store host: its listening socket is made in the store's namespace, so workers
+            # and clients reach the store over the network; the proxy's own connections go to
+            # moto from the test process's namespace.
+            store = self.net["store"]
+            self.store = StoreProxy(
+                moto_endpoint, host=store.ip, port=STORE_PORT, bind=store.bind_here
+            )
             master = self.net["master"]
             self.master_address = f"{master.ip}:{MASTER_PORT}"
             self.master = NsService(

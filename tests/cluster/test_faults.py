@@ -199,9 +199,9 @@ def test_restarted_master_keeps_reads_in_the_cache(cluster, frames):
             seen.add(os.getxattr(probe, XATTR_OWNER).decode())
             time.sleep(0.1)  # sampling the mount's view over a period, not a readiness wait
         assert "" not in seen, "the mount lost its workers after the master restart"
-        gets = c.store.total_gets()
+        gets = c.store.counts()["gets"]
         report = readers(mnt, frames, seed=1).run_epochs(1)
-        bypassed = c.store.total_gets() - gets
+        bypassed = c.store.counts()["gets"] - gets
     finally:
         for name in WORKERS:
             c.net[name].unblock(master_ip)
@@ -223,7 +223,7 @@ def test_worker_rejoins_with_its_disk_cache(cluster, frames, tmp_path):
     c, (mnt,) = start(cluster, frames, mount_args=["--procs", "1"], worker_args={"w1": disk})
     loaded = c.cli("load", "ds")
     assert f"{len(frames.digests)}/{len(frames.digests)} files" in loaded.stdout, loaded.stdout
-    assert c.store.total_gets() == len(frames.nonempty)  # each file with data fetched once
+    assert c.store.counts()["gets"] == len(frames.nonempty)  # each file with data fetched once
     ids = worker_ids(c)
     # The mount's worker list is refreshed every 2 s: it may not have all three yet.
     c.wait_until(
@@ -244,31 +244,31 @@ def test_worker_rejoins_with_its_disk_cache(cluster, frames, tmp_path):
     c.wait_until(  # the client ranks it first again for its files
         "c1 to use w1 again", lambda: owners(mnt, on_w1[:1])[on_w1[0]] == ids["w1"]
     )
-    gets = c.store.gets_now()
+    gets = c.store.gets()
     readers(mnt, frames, seed=1).run_epochs(1).assert_clean()
-    assert c.store.gets_now() - gets == Counter(), "the rejoined epoch went to the store"
+    assert c.store.gets() - gets == Counter(), "the rejoined epoch went to the store"
     stats = c.worker_stats()["w1"]
     assert stats["hits"] >= len(on_w1) and stats["misses"] == 0 and stats["remote_reads"] == 0
 
 
 def test_flaky_store(cluster, frames, tmp_path):
-    """The store fails 20% of requests (503 SlowDown) and stalls some for 2 s: `cachefs load`
+    """The store fails 20% of requests (503 SlowDown) and stalls 5% for 2 s: `cachefs load`
     of half the files and an epoch over all (the other half filled on demand) both complete."""
     c, (mnt,) = start(cluster, frames)
-    c.store.fail_rate = 0.2
-    c.store.stall_now_and_then(2.0, window=0.2, every=3.0)
+    c.store.set(fail_rate=0.2, stall_rate=0.05, stall_seconds=2.0)
     half = frames.nonempty[::2]
     listing = tmp_path / "half.txt"
     listing.write_text("\n".join(half) + "\n")
     loaded = c.cli("load", "ds", "--files", str(listing), timeout=300)
     assert f"{len(half)}/{len(half)} files" in loaded.stdout and "0 failed" in loaded.stdout
-    failed_during_load = c.store.failed
+    failed_during_load = c.store.counts()["failed"]
     report = readers(mnt, frames).run_epochs(1, timeout=300)
-    print(f"{report.summary()}; injected {c.store.failed} failures, "
-          f"stalled {c.store.stalled_requests} requests")  # fmt: skip
+    counts = c.store.counts()
+    print(f"{report.summary()}; injected {counts['failed']} failures, "
+          f"stalled {counts['stalled']} requests")  # fmt: skip
     report.assert_clean()
-    assert failed_during_load > 0 and c.store.failed > failed_during_load
-    assert c.store.stalled_requests > 0
+    assert failed_during_load > 0 and counts["failed"] > failed_during_load
+    assert counts["stalled"] > 0
 
 
 def index_slots(state: Path) -> list[tuple[bytes, int, int, int]]:
@@ -322,14 +322,14 @@ def test_corrupt_truncated_and_swapped_slots_are_refetched(cluster, frames, tmp_
     finally:
         os.close(fd)
 
-    gets = c.store.total_gets()
+    gets = c.store.counts()["gets"]
     assert c.worker_stats()["w1"]["corrupt"] == 0
     readers(mnt, frames).run_epochs(1).assert_clean()
     assert c.worker_stats()["w1"]["corrupt"] == damaged
-    assert c.store.total_gets() - gets == damaged  # each damaged entry refetched once
+    assert c.store.counts()["gets"] - gets == damaged  # each damaged entry refetched once
     readers(mnt, frames, seed=1).run_epochs(1).assert_clean()  # the refetched copies are good
     assert c.worker_stats()["w1"]["corrupt"] == damaged
-    assert c.store.total_gets() - gets == damaged
+    assert c.store.counts()["gets"] - gets == damaged
 
     entries = c.worker_stats()["w1"]["tiers"]["disk"]["entries"]
     c.workers["w1"].kill()
@@ -337,9 +337,9 @@ def test_corrupt_truncated_and_swapped_slots_are_refetched(cluster, frames, tmp_
     os.truncate(slab, slab.stat().st_size // 2)
     c.workers["w1"].start()
     assert c.wait_workers(ALL)["w1"]["tiers"]["disk"]["entries"] == 0  # the tier was forgotten
-    gets = c.store.total_gets()
+    gets = c.store.counts()["gets"]
     readers(mnt, frames, seed=2).run_epochs(1).assert_clean()
-    assert c.store.total_gets() - gets == entries  # w1's files fetched again, once each
+    assert c.store.counts()["gets"] - gets == entries  # w1's files fetched again, once each
 
 
 def test_worker_disk_full(tmpfs, cluster, frames, tmp_path, moto_server):

@@ -8,11 +8,10 @@ import json
 import os
 import threading
 import time
-from collections import Counter
 
-from tests.faults import S3Proxy
 from tests.fuse.conftest import make_files, read_all
 from tests.procs import run_cli
+from tests.store_proxy import StoreProxy
 
 
 def cli(master, *args, timeout=300):
@@ -48,7 +47,7 @@ def test_loaded_dataset_is_served_with_the_store_gone(cluster, mounts, tmp_path,
     master, _ = cluster
     source = tmp_path / "source"
     digests = make_files(source, 600, max_size=40_000, seed=11)
-    proxy = S3Proxy(moto_server.endpoint)
+    proxy = StoreProxy(moto_server.endpoint)
     try:
         add_s3_dataset(master, "ds", upload(moto_server, source, digests), proxy)
         empty = sum(1 for rel in digests if not (source / rel).stat().st_size)  # nothing to fetch
@@ -57,12 +56,12 @@ def test_loaded_dataset_is_served_with_the_store_gone(cluster, mounts, tmp_path,
         loaded = cli(master, "load", "ds")
         assert loaded.returncode == 0, loaded.stderr
         assert "600/600 files" in loaded.stdout and "0 failed" in loaded.stdout
-        fetched = sum(proxy.gets.values())
-        assert len(proxy.gets) == 600 - empty  # each file with data fetched,
+        fetched = proxy.counts()["gets"]
+        assert len(proxy.gets()) == 600 - empty  # each file with data fetched,
         assert fetched <= 1.05 * (600 - empty)  # once, but for hedges of slow GETs
         again = cli(master, "load", "ds")  # re-running fetches nothing
         assert "600 already cached" in again.stdout
-        assert sum(proxy.gets.values()) == fetched
+        assert proxy.counts()["gets"] == fetched
         check = cli(master, "load", "ds", "--check")
         assert "600/600 files cached (100.0%)" in check.stdout
 
@@ -81,10 +80,10 @@ def test_load_over_a_flaky_store_completes(cluster, tmp_path, moto_server):
     master, _ = cluster
     source = tmp_path / "source"
     digests = make_files(source, 300, max_size=20_000, seed=12)
-    proxy = S3Proxy(moto_server.endpoint)
+    proxy = StoreProxy(moto_server.endpoint)
     try:
         add_s3_dataset(master, "flaky", upload(moto_server, source, digests), proxy)
-        proxy.fail_rate = 0.2
+        proxy.set(fail_rate=0.2)
         submitted = cli(master, "load", "flaky", "--no-wait")
         job_id = int(submitted.stdout.split()[1])
         seen = []
@@ -102,7 +101,7 @@ def test_load_over_a_flaky_store_completes(cluster, tmp_path, moto_server):
         assert job["state"] == "done"
         assert final["done_files"] + final["failed_files"] == final["files"] == 300
         assert final["failed_files"] == len(job["failures"])  # exact failures, if any
-        assert proxy.failed > 0  # faults really happened
+        assert proxy.counts()["failed"] > 0  # faults really happened
     finally:
         proxy.stop()
 
@@ -111,7 +110,7 @@ def test_periodic_job_fetches_only_changes_and_survives_restart(cluster, tmp_pat
     master, _ = cluster
     source = tmp_path / "source"
     digests = make_files(source, 100, max_size=8000, seed=13)
-    proxy = S3Proxy(moto_server.endpoint)
+    proxy = StoreProxy(moto_server.endpoint)
     try:
         bucket = upload(moto_server, source, digests)
         add_s3_dataset(master, "daily", bucket, proxy)
@@ -129,13 +128,13 @@ def test_periodic_job_fetches_only_changes_and_survives_restart(cluster, tmp_pat
 
         wait_runs(1)
         empty = sum(1 for rel in digests if not (source / rel).stat().st_size)
-        assert sum(proxy.gets.values()) == 100 - empty
+        assert proxy.counts()["gets"] == 100 - empty
         changed = sorted(digests)[:3]
         moto_server.upload(bucket, {f"data/{rel}": b"changed " + rel.encode() for rel in changed})
-        before = Counter(proxy.gets)
+        before = proxy.gets()
         job = wait_runs(3)  # a full run after the change, whatever run was in flight
         assert job["sync"] is not None
-        fetched = Counter(proxy.gets) - before
+        fetched = proxy.gets() - before
         assert {k.split("/", 1)[1]: n for k, n in fetched.items()} == {
             f"data/{rel}": 1 for rel in changed
         }
@@ -243,7 +242,7 @@ def test_a_read_waiting_on_the_store_holds_up_no_other_read(cluster, mounts, tmp
     master, _ = cluster
     source = tmp_path / "source"
     digests = make_files(source, 60, max_size=30_000, seed=14)
-    proxy = S3Proxy(moto_server.endpoint)
+    proxy = StoreProxy(moto_server.endpoint)
     try:
         bucket = s3_dataset(master, moto_server, proxy, "ds", source, digests)
         assert cli(master, "load", "ds").returncode == 0  # every file in the worker's cache
@@ -251,13 +250,13 @@ def test_a_read_waiting_on_the_store_holds_up_no_other_read(cluster, mounts, tmp
         assert "added 1" in cli(master, "dataset", "sync", "ds").stdout  # known, not cached
         mnt = mounts.mount("ds", "--master", master.address, "--procs", "1")
 
-        proxy.delay = 8.0  # every store request from here on
-        asked = proxy.requests
+        proxy.set(delay=8.0)  # every store answer from here on
+        asked = proxy.counts()["requests"]
         late: dict = {}
         waiting = threading.Thread(target=lambda: late.update(read_all(mnt, ["late.bin"])))
         waiting.start()
         deadline = time.monotonic() + 30
-        while proxy.requests == asked:  # the worker's fill reached the stalled store
+        while proxy.counts()["requests"] == asked:  # the worker's fill reached the stalled store
             assert time.monotonic() < deadline, "the uncached read never reached the store"
             time.sleep(0.01)
         assert read_all(mnt, digests) == digests  # first reads: LOOKUP and READ each
