@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import statistics
 import subprocess
@@ -60,6 +61,21 @@ def clip_order(manifest, files: int, seed: int) -> list[str]:
     dirs = sorted(clips)
     random.Random(seed).shuffle(dirs)
     return list(itertools.islice((rel for d in dirs for rel in clips[d]), files))
+
+
+def old_cachefs(rev: str, into: Path) -> Path:
+    """cachefs as of `rev`, importable with PYTHONPATH=<returned dir> (the repo maps master/,
+    worker/ and fuse/ to cachefs.*; the venv's editable install comes after PYTHONPATH)."""
+    src = into / "src"
+    src.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "cachefs", "master", "worker", "fuse"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    for sub in ("master", "worker", "fuse"):
+        (src / sub).rename(src / "cachefs" / sub)
+    return src
 
 
 def per_directory_listing(endpoint: str) -> int:
@@ -175,7 +191,38 @@ class Bench:
             stop(moto)
         return self.report(manifest, best)
 
+    def old_sync(self) -> tuple[float, float, int]:
+        """`dataset add` and an unchanged `dataset sync` by the cachefs of --baseline-rev (its
+        own master process): seconds each, and the listing requests of the add."""
+        pythonpath = str(old_cachefs(self.args.baseline_rev, self.work / "old"))
+        env = {"PYTHONPATH": pythonpath}
+        master = master_process(self.work / "old")
+        here = os.getcwd()
+        os.chdir(self.work / "old")  # `python -m` puts the cwd first: not this checkout
+        os.environ["PYTHONPATH"] = pythonpath  # the master process inherits it
+        try:
+            master.start()
+        finally:
+            del os.environ["PYTHONPATH"]
+        try:
+            options = [f"-o{k}={v}" for k, v in self.proxy.options.items()]
+            timed = []
+            self.proxy.reset_counts()
+            for argv in (("dataset", "add", NAME, f"s3://{BUCKET}/{PREFIX}", *options),
+                         ("dataset", "sync", NAME)):  # fmt: skip
+                started = time.perf_counter()
+                result = run_cli(*argv, "--master", master.address, timeout=3600, env=env)
+                assert result.returncode == 0, result.stderr
+                timed.append(time.perf_counter() - started)
+                if len(timed) == 1:
+                    lists = self.proxy.counts()["lists"]
+        finally:
+            master.stop()
+            os.chdir(here)
+        return timed[0], timed[1], lists
+
     def sync_rows(self, manifest) -> None:
+        self.old = self.old_sync()
         self.proxy.reset_counts()
         started = time.perf_counter()
         entries = per_directory_listing(self.proxy.endpoint)
@@ -283,14 +330,19 @@ class Bench:
         old, old_lists, entries = self.sync["old"]
         new, new_lists = self.sync["new"]
         resync, resync_lists = self.sync["resync"]
+        old_add, old_sync, old_add_lists = self.old
+        rev = self.args.baseline_rev
         sync = [
             "| listing | seconds | listing requests |", "|---|---:|---:|",
-            f"| per directory, 32 at once (the sync before #14; {entries:,} entries) | "
+            f"| `cachefs dataset add` of {rev} (the sync before #14) | {old_add:.1f} | "
+            f"{old_add_lists:,} |",
+            f"| `cachefs dataset sync` of {rev}, nothing changed | {old_sync:.1f} | – |",
+            f"| its listing alone: per directory, 32 at once ({entries:,} entries) | "
             f"{old:.1f} | {old_lists:,} |",
             f"| `cachefs dataset add` (flat listing, then the namespace written) | {new:.1f} "
-            f"({new / old:.2f}×) | {new_lists:,} |",
-            f"| `cachefs dataset sync`, nothing changed | {resync:.1f} ({resync / old:.2f}×) | "
-            f"{resync_lists:,} |",
+            f"({new / old_add:.2f}× of {rev}'s) | {new_lists:,} |",
+            f"| `cachefs dataset sync`, nothing changed | {resync:.1f} "
+            f"({resync / old_sync:.2f}× of {rev}'s) | {resync_lists:,} |",
         ]  # fmt: skip
         faults = ["| store | direct reads: s, errors | cachefs mount cold: s, errors, wrong "
                   "bytes | `cachefs load` |", "|---|---|---|---|"]  # fmt: skip
@@ -333,6 +385,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=10.0)
     parser.add_argument("--window", type=int, default=256, help="cachefs prefetch --window")
     parser.add_argument("--data", type=Path, default=Path("/tmp/cachefs-bench-cold-data"))
+    parser.add_argument("--baseline-rev", default="fb637ac",
+                        help="the cachefs whose sync the new one is measured against")
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cachefs-bench-cold-") as work:

@@ -96,7 +96,8 @@ async def open_client(
     async def direct() -> RemoteStore:
         if not remote:
             info = await master.call("dataset_spec", name=dataset)
-            remote.append(RemoteStore(info["uri"], info["options"]))
+            if not remote:  # another read may have made it while this one asked
+                remote.append(RemoteStore(info["uri"], info["options"]))
         return remote[0]
 
     reader = DataReader(dataset, workers, direct)

@@ -158,8 +158,20 @@ class MasterService:
         remote = self.remote(name)
         async with self._lock(name):
             sync = self.store.begin_sync(name)
-            async for batch in remote.iter_tree():
-                await trio.to_thread.run_sync(sync.apply, batch)
+            # The next page is listed while this one is written: the sync takes the longer of
+            # the two, not their sum. One batch waits at most (bounded memory).
+            send, receive = trio.open_memory_channel(1)
+
+            async def list_tree() -> None:
+                async with send:
+                    async for batch in remote.iter_tree():
+                        await send.send(batch)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(list_tree)
+                async with receive:
+                    async for batch in receive:
+                        await trio.to_thread.run_sync(sync.apply, batch)
             report = await trio.to_thread.run_sync(sync.finish)
         log.info("dataset %s synced: %s", name, report.as_dict())
         return report.as_dict()

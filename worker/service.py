@@ -302,6 +302,7 @@ class MasterLink:
             return known[1]
         info = await self.client.call("dataset_spec", name=dataset)  # with its credentials
         spec = (info["uri"], tuple(sorted(info["options"].items())))
+        known = self._remotes.get(dataset)  # a fill that asked at the same time may have one
         if known is None or known[0] != spec:  # new, or removed and added again elsewhere
             # Calls in flight: every fill (WorkerService's fill_parallelism) plus a hedge each.
             remote = RemoteStore(
