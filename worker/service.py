@@ -286,10 +286,11 @@ class WorkerService:
 class MasterLink:
     """The worker's side of membership: register, heartbeat, learn dataset URIs."""
 
-    def __init__(self, client: RpcClient, store: BlockStore, host_id: str):
+    def __init__(self, client: RpcClient, store: BlockStore, host_id: str, fills: int):
         self.client = client
         self.store = store
         self.host_id = host_id
+        self.fills = fills  # the worker's fill parallelism: its store calls are sized by it
         self.address = ""  # set once the RPC server is bound
         self.stats: Callable[[], dict] = store.stats
         self.interval = 2.5
@@ -304,10 +305,9 @@ class MasterLink:
         spec = (info["uri"], tuple(sorted(info["options"].items())))
         known = self._remotes.get(dataset)  # a fill that asked at the same time may have one
         if known is None or known[0] != spec:  # new, or removed and added again elsewhere
-            # Calls in flight: every fill (WorkerService's fill_parallelism) plus a hedge each.
-            remote = RemoteStore(
-                info["uri"], info["options"], limiter=trio.CapacityLimiter(2 * FILL_PARALLELISM)
-            )
+            # Calls in flight: every fill plus a hedge each.
+            limiter = trio.CapacityLimiter(2 * self.fills)
+            remote = RemoteStore(info["uri"], info["options"], limiter=limiter)
             known = (spec, remote, 0.0)
         self._remotes[dataset] = (known[0], known[1], trio.current_time() + DATASET_TTL)
         return known[1]
@@ -363,15 +363,17 @@ async def run_worker(
     secret: bytes | None = None,
     tls: TlsConfig | None = None,
     local: dict | None = None,
+    fill_parallelism: int | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serves until cancelled; `task_status.started` gets the bound (host, port).
 
     `local`, if given, receives the service as local["worker"], for in-process callers.
     """
+    fills = fill_parallelism or FILL_PARALLELISM
     async with RpcClient(master, secret=secret, name="master", tls=tls) as client:
-        link = MasterLink(client, store, host_id or socket.gethostname())
-        service = WorkerService(store, link.remote_for)
+        link = MasterLink(client, store, host_id or socket.gethostname(), fills)
+        service = WorkerService(store, link.remote_for, fill_parallelism=fills)
         if local is not None:
             local["worker"] = service
         link.stats = service.stats

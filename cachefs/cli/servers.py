@@ -106,12 +106,15 @@ def master_backup(name, master, secret_file) -> None:
 @click.option("--host-id", help="node name for locality (default: hostname)")
 @click.option("--shm", default="/dev/shm", show_default=True, type=click.Path(file_okay=False))
 @click.option("--insecure", is_flag=True, help="serve without a secret (the master's --insecure)")
+@click.option("--fills", type=click.IntRange(min=1), default=None,
+              help="remote reads at once; the store's best parallel GET count per worker "
+                   "[default: 32]")  # fmt: skip
 @secret_option
 @metrics_option
 @errors_to_exit
 def worker(
-    master, listen, advertise, state, mem, disk, disk_size, host_id, shm, insecure, secret_file,
-    metrics,
+    master, listen, advertise, state, mem, disk, disk_size, host_id, shm, insecure, fills,
+    secret_file, metrics,
 ):  # fmt: skip
     """Run a cache worker (foreground).
 
@@ -148,6 +151,7 @@ def worker(
         host_id=host_id,
         secret=secret,
         tls=current_tls(),
+        fill_parallelism=fills,
     )
     try:
         trio.run(serve_until_signal, service, "worker")
