@@ -23,7 +23,7 @@ class HedgePolicy:
         *,
         quantile: float = 0.99,
         median_multiple: float = 4.0,
-        floor: float = 0.05,
+        floor: float = 0.2,
         window: int = 512,
         min_samples: int = 32,
         budget: float = 0.05,

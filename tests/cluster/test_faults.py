@@ -223,7 +223,8 @@ def test_worker_rejoins_with_its_disk_cache(cluster, frames, tmp_path):
     c, (mnt,) = start(cluster, frames, mount_args=["--procs", "1"], worker_args={"w1": disk})
     loaded = c.cli("load", "ds")
     assert f"{len(frames.digests)}/{len(frames.digests)} files" in loaded.stdout, loaded.stdout
-    assert c.store.counts()["gets"] == len(frames.nonempty)  # each file with data fetched once
+    assert len(c.store.gets()) == len(frames.nonempty)  # each file with data fetched,
+    assert c.store.counts()["gets"] <= 1.05 * len(frames.nonempty)  # once, or hedged
     ids = worker_ids(c)
     # The mount's worker list is refreshed every 2 s: it may not have all three yet.
     c.wait_until(
@@ -322,14 +323,15 @@ def test_corrupt_truncated_and_swapped_slots_are_refetched(cluster, frames, tmp_
     finally:
         os.close(fd)
 
-    gets = c.store.counts()["gets"]
+    before = c.store.gets()
     assert c.worker_stats()["w1"]["corrupt"] == 0
     readers(mnt, frames).run_epochs(1).assert_clean()
     assert c.worker_stats()["w1"]["corrupt"] == damaged
-    assert c.store.counts()["gets"] - gets == damaged  # each damaged entry refetched once
+    refetched = c.store.gets() - before
+    assert len(refetched) == damaged  # each damaged entry refetched (once, or hedged)
     readers(mnt, frames, seed=1).run_epochs(1).assert_clean()  # the refetched copies are good
     assert c.worker_stats()["w1"]["corrupt"] == damaged
-    assert c.store.counts()["gets"] - gets == damaged
+    assert c.store.gets() - before == refetched
 
     entries = c.worker_stats()["w1"]["tiers"]["disk"]["entries"]
     c.workers["w1"].kill()

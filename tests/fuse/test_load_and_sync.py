@@ -128,16 +128,14 @@ def test_periodic_job_fetches_only_changes_and_survives_restart(cluster, tmp_pat
 
         wait_runs(1)
         empty = sum(1 for rel in digests if not (source / rel).stat().st_size)
-        assert proxy.counts()["gets"] == 100 - empty
+        assert len(proxy.gets()) == 100 - empty  # every file with data fetched
         changed = sorted(digests)[:3]
         moto_server.upload(bucket, {f"data/{rel}": b"changed " + rel.encode() for rel in changed})
         before = proxy.gets()
         job = wait_runs(3)  # a full run after the change, whatever run was in flight
         assert job["sync"] is not None
-        fetched = proxy.gets() - before
-        assert {k.split("/", 1)[1]: n for k, n in fetched.items()} == {
-            f"data/{rel}": 1 for rel in changed
-        }
+        fetched = proxy.gets() - before  # only the changed files (once each, or hedged)
+        assert {k.split("/", 1)[1] for k in fetched} == {f"data/{rel}" for rel in changed}
 
         master.stop()
         master.start()

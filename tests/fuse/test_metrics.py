@@ -31,7 +31,8 @@ def test_embedded_mount_exports_fuse_cache_store_and_ufs_metrics(mounts, tmp_pat
     source = tmp_path / "source"
     digests = make_files(source, 50, max_size=20_000, seed=21)
     port = free_port()
-    mnt = mounts.embedded(source.as_uri(), "--metrics", f"127.0.0.1:{port}")
+    # No sibling prefetch: a prefetched file's first read would be a hit, not a miss.
+    mnt = mounts.embedded(source.as_uri(), "--metrics", f"127.0.0.1:{port}", "--prefetch", "0")
     assert read_all(mnt, digests) == digests
     total = sum((source / rel).stat().st_size for rel in digests)
     m = scrape(port)
