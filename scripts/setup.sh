@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what cachefs needs on a fresh Debian/Ubuntu machine: FUSE 3, Chromium (for the
-# console test) and a venv in .venv with the [test,torch] extras.
+# console test), a venv in .venv with the [test,torch] extras and the HDFS test cluster's jars.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,4 +43,7 @@ if ! .venv/bin/python -c 'import pyfuse3; assert pyfuse3.CACHEFS_PATCH >= 6' 2>/
         || { cat "$log"; exit 1; }
     rm -rf "$build" "$log"
 fi
+# A real HDFS for the tests (tests/hdfs.py): Java if missing, Hadoop 2.7.3's jars from pyspark's
+# sdist and Jersey from Debian, cached in ~/.cache/cachefs-hdfs (nothing to do once there).
+bash scripts/hdfs-test-cluster.sh install
 .venv/bin/python -c 'import cachefs.master, cachefs.worker, cachefs.fuse, pyfuse3'

@@ -3,6 +3,7 @@
 - `moto_server` (session): a real moto S3 server subprocess on 127.0.0.1, with boto3 helpers.
 - `s3_uri_options`: the dataset options (`-o KEY=VALUE`) that point S3 at that server.
 - `make_tree`: writes a small local tree of files with random content.
+- `hdfs_cluster` (session), `hdfs`: a real HDFS on 127.0.0.1 (tests/hdfs.py).
 
 Add new fixtures in their own section, with a docstring saying what they give a test.
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.hdfs import hdfs, hdfs_cluster  # noqa: F401 - fixtures for every test
 
 # --- S3 (moto server) ----------------------------------------------------------------------
 
