@@ -17,6 +17,7 @@ import argparse
 import itertools
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.dataset import Shape, describe, ensure_dataset  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
+    AWS_ENV,
     check,
     drop_caches,
     git_state,
@@ -42,6 +44,7 @@ from benchmarks.harness import (  # noqa: E402
     upload,
 )
 from benchmarks.results import replace_section  # noqa: E402
+from tests.conftest import _free_port  # noqa: E402
 from tests.procs import master_process, run_cli, worker_process  # noqa: E402
 from tests.store_proxy import StoreProxy  # noqa: E402
 
@@ -51,6 +54,52 @@ FAULTS = {  # the issue's flaky stores
     "20% connection resets": {"reset_rate": 0.2},
     "4 s stalls on 10%": {"stall_rate": 0.1, "stall_seconds": 4.0},
 }
+
+
+S3RVER = "s3rver@3.7.1"  # a Node.js S3 server (npm): several times moto's GET rate here
+
+
+def start_s3rver(work: Path) -> tuple[subprocess.Popen, str]:
+    """s3rver on a free loopback port, installed once into ~/.cache; its fixed credentials
+    become everyone's (this process's readers, the cachefs processes it starts)."""
+    cache = Path.home() / ".cache" / "cachefs-bench" / "s3rver"
+    binary = cache / "node_modules" / ".bin" / "s3rver"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", S3RVER],
+                       cwd=cache, check=True)  # fmt: skip
+    credentials = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    AWS_ENV.update(credentials)
+    os.environ.update(credentials)
+    port = _free_port()
+    (work / "s3rver").mkdir()
+    proc = subprocess.Popen(
+        [str(binary), "-d", str(work / "s3rver"), "-a", "127.0.0.1", "-p", str(port),
+         "--configure-bucket", BUCKET, "--silent",
+         "--allow-mismatched-signatures"],  # the proxy's Host is not the signed one
+        env={**os.environ, "NODE_OPTIONS": "--openssl-legacy-provider"},  # its token cipher
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("s3rver did not start") from None
+            time.sleep(0.1)  # polling the port while node starts
+
+
+def put_all(endpoint: str, root: Path, manifest) -> None:
+    import obstore
+    from obstore.store import S3Store
+
+    store = S3Store(BUCKET, endpoint=f"http://{endpoint}", client_options={"allow_http": True})
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda rel: obstore.put(store, f"{PREFIX}/{rel}", (root / rel).read_bytes()),
+                      manifest))  # fmt: skip
 
 
 def clip_order(manifest, files: int, seed: int) -> list[str]:
@@ -157,13 +206,20 @@ class Bench:
     def run(self) -> str:
         args = self.args
         data, manifest = ensure_dataset(args.data, Shape(files=args.files))
-        moto, server = start_store(self.work / "moto.log")
-        self.proxy = StoreProxy(server.endpoint, subprocess=True, delay=args.latency_ms / 1000)
+        if args.store == "s3rver":
+            store_proc, endpoint = start_s3rver(self.work)
+        else:
+            store_proc, server = start_store(self.work / "moto.log")
+            endpoint = server.endpoint
+        self.proxy = StoreProxy(endpoint, subprocess=True, delay=args.latency_ms / 1000)
         self.master = master_process(self.work)
         workers = [worker_process(self.work, "127.0.0.1:0", f"w{i}", "2G") for i in (1, 2)]
         mounts = {"plain": self.work / "mnt-plain", "prefetch": self.work / "mnt-prefetch"}
         try:
-            upload(server, BUCKET, PREFIX, data, manifest, threads=16)
+            if args.store == "s3rver":
+                put_all(endpoint, data, manifest)
+            else:
+                upload(server, BUCKET, PREFIX, data, manifest, threads=16)
             self.master.start()
             for w in workers:
                 w.args[w.args.index("--master") + 1] = self.master.address
@@ -188,7 +244,7 @@ class Bench:
                 w.stop()
             self.master.stop()
             self.proxy.stop()
-            stop(moto)
+            stop(store_proc)
         return self.report(manifest, best)
 
     def old_sync(self) -> tuple[float, float, int]:
@@ -222,11 +278,12 @@ class Bench:
         return timed[0], timed[1], lists
 
     def sync_rows(self, manifest) -> None:
-        self.old = self.old_sync()
+        self.old = self.old_sync() if self.args.baseline_rev else None
         self.proxy.reset_counts()
         started = time.perf_counter()
-        entries = per_directory_listing(self.proxy.endpoint)
-        old = time.perf_counter() - started
+        # pyarrow's directory probes find nothing in s3rver's nested trees: moto only
+        entries = per_directory_listing(self.proxy.endpoint) if self.old else 0
+        old = time.perf_counter() - started if self.old else float("nan")
         old_lists = self.proxy.counts()["lists"]
         self.proxy.reset_counts()
         started = time.perf_counter()
@@ -243,7 +300,7 @@ class Bench:
 
     def store_rate(self, order) -> tuple[int, float]:
         rates = {}
-        for threads in (8, 32, 64):
+        for threads in (8, 32, 64, 128):
             rates[threads] = obstore_get_rate(self.proxy.endpoint, order, threads)
         best = max(rates.items(), key=lambda kv: kv[1])
         self.notes.append("store GETs/s by threads (obstore): " + ", ".join(
@@ -330,8 +387,8 @@ class Bench:
         old, old_lists, entries = self.sync["old"]
         new, new_lists = self.sync["new"]
         resync, resync_lists = self.sync["resync"]
-        old_add, old_sync, old_add_lists = self.old
-        rev = self.args.baseline_rev
+        old_add, old_sync, old_add_lists = self.old or (float("nan"), float("nan"), 0)
+        rev = self.args.baseline_rev or "(not run)"
         sync = [
             "| listing | seconds | listing requests |", "|---|---:|---:|",
             f"| `cachefs dataset add` of {rev} (the sync before #14) | {old_add:.1f} | "
@@ -353,14 +410,14 @@ class Bench:
             f"--files {self.args.files} --epoch-files {self.args.epoch_files} --rounds "
             f"{self.args.rounds} --latency-ms {self.args.latency_ms:g}`, {git_state(ROOT)}. "
             f"{machine()}. Dataset: {info['files']:,} files in {info['dirs']:,} directories, "
-            f"{info['bytes'] / 2**20:,.0f} MiB (median {info['median'] / 1000:.0f} KB), in moto "
-            f"behind the store proxy ({self.args.latency_ms:g} ms per answer). Epochs: "
-            f"{self.args.epoch_files:,} files, 8 threads, whole directories in a shuffled order, "
-            "content verified; before each cold pass the page cache is dropped and the cache "
-            "emptied. Median [min–max] of the rounds; store requests counted at the proxy. "
+            f"{info['bytes'] / 2**20:,.0f} MiB (median {info['median'] / 1000:.0f} KB), in "
+            f"{self.args.store} behind the store proxy ({self.args.latency_ms:g} ms per answer). "
+            f"Epochs: {self.args.epoch_files:,} files, 8 threads, whole directories in a shuffled "
+            "order, content verified; before each cold pass the page cache is dropped and the "
+            "cache emptied. Median [min–max] of the rounds; store requests counted at the proxy. "
             f"The store's best parallel GET rate: {best[1]:,.0f}/s with {best[0]} threads "
-            f"({'; '.join(self.notes)}). moto, the proxy, master, 2 workers, 2 mounts and the "
-            "readers share 2 cores."
+            f"({'; '.join(self.notes)}). {self.args.store}, the proxy, master, 2 workers, 2 "
+            "mounts and the readers share 2 cores."
         )
         return "\n\n".join([head, "**Cold epoch and load**", "\n".join(lines),
                             "**Metadata sync**", "\n".join(sync),
@@ -383,17 +440,21 @@ def main() -> None:
     parser.add_argument("--fault-files", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=10.0)
+    parser.add_argument("--store", choices=("moto", "s3rver"), default="moto",
+                        help="the S3 server behind the proxy (s3rver: npm, Node.js)")
     parser.add_argument("--window", type=int, default=256, help="cachefs prefetch --window")
     parser.add_argument("--data", type=Path, default=Path("/tmp/cachefs-bench-cold-data"))
     parser.add_argument("--baseline-rev", default="fb637ac",
-                        help="the cachefs whose sync the new one is measured against")
+                        help="the cachefs whose sync the new one is measured against "
+                             "('' to skip it)")
     parser.add_argument("--results", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cachefs-bench-cold-") as work:
         text = Bench(args, Path(work)).run()
     print(text)
     if args.results:
-        replace_section(args.results, "Cold path (#14)", text)
+        title = "Cold path (#14)" + ("" if args.store == "moto" else f", {args.store} store")
+        replace_section(args.results, title, text)
 
 
 if __name__ == "__main__":
