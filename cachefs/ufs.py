@@ -23,6 +23,7 @@ from cachefs import errors, metrics
 from cachefs.hedging import HedgePolicy
 from cachefs.localfs import JailedLocalFs, LocalInfo, LocalWalk
 from cachefs.ufs_errors import _endpoint, _is_transient, _one_line, _translate
+from cachefs.ufs_hdfs import HdfsObjects, next_batch
 from cachefs.ufs_s3 import S3Objects
 from cachefs.ufs_uri import (  # noqa: F401 - the names callers import from here
     SCHEMES,
@@ -36,14 +37,22 @@ from cachefs.ufs_uri import (  # noqa: F401 - the names callers import from here
 _T = TypeVar("_T")
 
 
+def _open_hdfs(u: DatasetUri) -> HdfsObjects:
+    try:
+        return HdfsObjects(u)
+    except Exception as exc:  # a bad URL or configuration: one line, no traceback
+        raise errors.CacheFsError(f"cannot open {u.display()}: {_one_line(exc)}") from exc
+
+
 def _build_filesystem(u: DatasetUri) -> tuple[pafs.FileSystem | JailedLocalFs, Any]:
     """The pyarrow filesystem for `u` (+ the fsspec object to close, if any)."""
     opts = _typed_options(u.scheme, u.options)
     try:
         if u.scheme == "file":
             return JailedLocalFs(u.root), None
-        if u.scheme == "hdfs":
-            return pafs.HadoopFileSystem(u.host or "default", u.port or 0, **opts), None
+        if u.scheme == "hdfs":  # libhdfs, on request (client=libhdfs): needs a JVM
+            libhdfs = {k: v for k, v in opts.items() if k in ("user", "kerb_ticket", "buffer_size")}
+            return pafs.HadoopFileSystem(u.host or "default", u.port or 0, **libhdfs), None
         from fsspec.implementations.webhdfs import WebHDFS  # pure Python; only when used
 
         web = WebHDFS(host=u.host, port=u.port, skip_instance_cache=True, **opts)
@@ -98,10 +107,13 @@ class RemoteStore:
         self._max_attempts = max(1, max_attempts)
         self._hedge = HedgePolicy()
         self._s3: S3Objects | None = None
+        self._hdfs: HdfsObjects | None = None
         self._fs: Any = None
         self._fsspec: Any = None
         if self._u.scheme == "s3":
             self._s3 = S3Objects(self._u, timeout, self._stale_message)
+        elif self._u.scheme == "hdfs" and self._u.options.get("client", "native") == "native":
+            self._hdfs = _open_hdfs(self._u)
         else:
             self._fs, self._fsspec = _build_filesystem(self._u)
         self._closed = False
@@ -169,6 +181,8 @@ class RemoteStore:
     def _stat_sync(self, rel: str) -> RemoteEntry | None:
         if self._s3 is not None:
             return self._s3.stat(rel)
+        if self._hdfs is not None:
+            return self._hdfs.stat(rel)
         return self._entry(self._fs.get_file_info(self._full(rel)), rel)
 
     def _walk_sync(self, walk: LocalWalk, n: int) -> list[RemoteEntry]:
@@ -188,6 +202,8 @@ class RemoteStore:
     def _read_sync(self, rel: str, offset: int, length: int | None) -> bytes:
         if self._s3 is not None:
             return self._s3.get(rel, offset, length)
+        if self._hdfs is not None:
+            return self._hdfs.read(rel, offset, length)
         with self._fs.open_input_file(self._full(rel)) as f:
             if length is None:
                 return f.read()
@@ -334,6 +350,12 @@ class RemoteStore:
             return
         if self._s3 is not None:
             async for batch in self._iter_flat(batch_size):
+                yield batch
+            return
+        if self._hdfs is not None:
+            walk = self._hdfs.walk()
+            # No retries: a failed step may have consumed entries (as for a local tree).
+            while batch := await self._run("list", "", next_batch, walk, batch_size, retry=False):
                 yield batch
             return
         pending, buf = [""], []  # a stack: depth-first keeps the pending list short

@@ -29,12 +29,16 @@ _OPTIONS: dict[str, dict[str, type]] = {
         **dict.fromkeys(("anonymous", "force_virtual_addressing"), bool),
         **dict.fromkeys(("connect_timeout", "request_timeout"), float),
     },
-    "hdfs": {"user": str, "kerb_ticket": str, "buffer_size": int},
+    # client: native (hdfs-native, the default) or libhdfs (pyarrow's, needs a JVM); user,
+    # kerb_ticket and buffer_size are libhdfs's; dfs.*, fs.* and hadoop.* keys are Hadoop
+    # client settings (hdfs-site.xml names) for the native client.
+    "hdfs": {"client": str, "user": str, "kerb_ticket": str, "buffer_size": int},
     "webhdfs": {
         **dict.fromkeys(("user", "password", "token"), str),
         **dict.fromkeys(("kerberos", "use_https", "session_verify"), bool),
     },
 }
+HADOOP_PREFIXES = ("dfs.", "fs.", "hadoop.")
 _URI_SAFE = "/:@!$&'()*+,;=-._~"  # characters that stay literal in a normalised URI
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -97,14 +101,21 @@ def _typed_options(scheme: str, options: dict[str, str]) -> dict[str, Any]:
     """Options converted to the types pyarrow/fsspec expect; ValueError names the bad one."""
     out: dict[str, Any] = {}
     for key, value in options.items():
-        kind = _OPTIONS[scheme][key]
+        kind = str if _hadoop_key(scheme, key) else _OPTIONS[scheme][key]
         try:
             out[key] = _BOOLS[value.lower()] if kind is bool else kind(value)
         except (KeyError, ValueError):
             raise ValueError(f"option {key}={value!r} is not a valid {kind.__name__}") from None
     if out.get("scheme", "https") not in ("http", "https"):
         raise ValueError(f"option scheme={out['scheme']!r} must be http or https")
+    if out.get("client", "native") not in ("native", "libhdfs"):
+        raise ValueError(f"option client={out['client']!r} must be native or libhdfs")
     return out
+
+
+def _hadoop_key(scheme: str, key: str) -> bool:
+    """A Hadoop client setting passed through to hdfs-native (dfs.client.socket-timeout...)."""
+    return scheme == "hdfs" and key.startswith(HADOOP_PREFIXES) and len(key) < 200
 
 
 def parse_uri(uri: str, options: dict[str, str] | None = None) -> DatasetUri:
@@ -121,7 +132,7 @@ def parse_uri(uri: str, options: dict[str, str] | None = None) -> DatasetUri:
     if parts.fragment:
         raise _invalid(uri, "a '#fragment' is not allowed")
     merged = {**query, **(options or {})}
-    unknown = sorted(set(merged) - set(_OPTIONS[scheme]))
+    unknown = sorted(k for k in set(merged) - set(_OPTIONS[scheme]) if not _hadoop_key(scheme, k))
     if unknown:
         known = ", ".join(sorted(_OPTIONS[scheme])) or "none"
         raise _invalid(uri, f"unknown option(s) {', '.join(unknown)} for {scheme}:// ({known})")
