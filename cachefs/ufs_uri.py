@@ -158,5 +158,7 @@ def parse_uri(uri: str, options: dict[str, str] | None = None) -> DatasetUri:
     hostname = parts.hostname or ""
     if scheme == "webhdfs" and not hostname:
         raise _invalid(uri, "webhdfs:// needs a host, e.g. webhdfs://namenode:9870/path")
-    default_port = 9870 if scheme == "webhdfs" else (8020 if hostname else None)
+    # hdfs://NAME without a port may be a name service (HA NameNodes from HADOOP_CONF_DIR):
+    # it keeps no port, and the client falls back to 8020 for a plain host.
+    default_port = 9870 if scheme == "webhdfs" else None
     return DatasetUri(scheme, hostname, port or default_port, "/" + "/".join(clean), merged)

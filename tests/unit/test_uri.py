@@ -25,7 +25,7 @@ from cachefs.ufs import DatasetUri, parse_uri
             "s3://my.bucket-1/a/b",
         ),
         ("hdfs://nn:8020/p", DatasetUri("hdfs", "nn", 8020, "/p"), "hdfs://nn:8020/p"),
-        ("hdfs://nn/p", DatasetUri("hdfs", "nn", 8020, "/p"), "hdfs://nn:8020/p"),
+        ("hdfs://nn/p", DatasetUri("hdfs", "nn", None, "/p"), "hdfs://nn/p"),  # or a name service
         ("hdfs:///p", DatasetUri("hdfs", "", None, "/p"), "hdfs:///p"),
         ("webhdfs://nn/p", DatasetUri("webhdfs", "nn", 9870, "/p"), "webhdfs://nn:9870/p"),
         ("webhdfs://nn:50070", DatasetUri("webhdfs", "nn", 50070, "/"), "webhdfs://nn:50070/"),
