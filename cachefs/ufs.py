@@ -60,7 +60,7 @@ def _build_filesystem(u: DatasetUri) -> tuple[pafs.FileSystem | JailedLocalFs, A
     except Exception as exc:
         hint = ""
         if u.scheme == "hdfs":
-            hint = " (hdfs:// needs libhdfs and a Java runtime: set JAVA_HOME and CLASSPATH)"
+            hint = " (client=libhdfs needs libhdfs and a Java runtime: set JAVA_HOME and CLASSPATH)"
         raise errors.CacheFsError(f"cannot open {u.display()}: {_one_line(exc)}{hint}") from exc
 
 

@@ -412,9 +412,9 @@ def test_webhdfs_mtime_comes_from_modification_time():
 
 
 @pytest.mark.skipif(bool(os.environ.get("JAVA_HOME")), reason="a JVM may be usable here")
-def test_hdfs_without_java_is_a_clear_error():
+def test_hdfs_libhdfs_without_its_jvm_is_a_clear_error():
     with pytest.raises(errors.CacheFsError) as info:
-        RemoteStore("hdfs://127.0.0.1:1/data")
+        RemoteStore("hdfs://127.0.0.1:1/data", {"client": "libhdfs"})
     message = str(info.value)
     assert message.startswith("cannot open hdfs://127.0.0.1:1/data: ")
     assert "Java" in message and "\n" not in message
