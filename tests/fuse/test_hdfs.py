@@ -74,3 +74,23 @@ def test_a_silent_namenode_costs_the_mount_a_deadline_not_a_hang(cluster, mounts
         assert info.value.errno in (errno.EIO, errno.ETIMEDOUT), info.value
         assert time.monotonic() - started < 30  # the op deadline, not the NameNode's return
     assert (mnt / uncached).read_bytes() and read_all(mnt, digests) == digests
+
+
+def test_datanodes_paused_and_killed_during_an_epoch_cost_no_reader_errors(
+    cluster, mounts, hdfs
+):
+    master, _ = cluster
+    root = "/cachefs-dn"
+    digests = upload_clips(hdfs, root, 120, seed=33)
+    # Every block has 3 copies: a read that meets the paused DataNode moves on after the
+    # client's socket timeout (a dataset option here: 3 s; 10 s by default), one that meets
+    # the killed one at once.
+    timeout = "-odfs.client.socket-timeout=3000"
+    assert cli(master, "dataset", "add", "d", hdfs.uri + root, timeout).returncode == 0
+    mnt = mounts.mount("d", "--master", master.address, "--prefetch", "0")
+    order = sorted(digests)
+    first = read_all(mnt, order[:40])  # cold reads: every one goes to HDFS
+    hdfs.pause_datanode(1)
+    hdfs.kill_datanode(2)
+    rest = read_all(mnt, order[40:])
+    assert {**first, **rest} == digests  # every byte, no reader error
