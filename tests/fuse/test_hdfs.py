@@ -94,3 +94,23 @@ def test_datanodes_paused_and_killed_during_an_epoch_cost_no_reader_errors(
     hdfs.kill_datanode(2)
     rest = read_all(mnt, order[40:])
     assert {**first, **rest} == digests  # every byte, no reader error
+
+
+def test_a_stopped_namenode_after_load_leaves_the_cache_readable(cluster, mounts, hdfs):
+    master, _ = cluster
+    root = "/cachefs-nn-down"
+    digests = upload_clips(hdfs, root, 40, seed=34)
+    assert cli(master, "dataset", "add", "s", hdfs.uri + root).returncode == 0
+    uncached = sorted(digests)[-1]
+    assert cli(master, "load", "s", *sorted(digests)[:-1]).returncode == 0
+    mnt = mounts.mount("s", "--master", master.address, "--prefetch", "0", "--op-timeout", "10")
+    (mnt / uncached).stat()
+    hdfs.stop_namenode(kill=True)
+    cached = sorted(digests)[:-1]
+    assert read_all(mnt, cached) == {rel: digests[rel] for rel in cached}
+    started = time.monotonic()
+    with pytest.raises(OSError) as info:
+        (mnt / uncached).read_bytes()
+    assert info.value.errno in (errno.EIO, errno.EHOSTUNREACH, errno.ETIMEDOUT), info.value
+    # Refused connections are retried (the NameNode may be restarting), within the op deadline.
+    assert time.monotonic() - started < 30
