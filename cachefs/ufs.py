@@ -11,8 +11,9 @@ leave this module as `cachefs.errors` types whose one-line messages name the rem
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
@@ -23,7 +24,7 @@ from cachefs import errors, metrics
 from cachefs.hedging import HedgePolicy
 from cachefs.localfs import JailedLocalFs, LocalInfo, LocalWalk
 from cachefs.ufs_errors import _endpoint, _is_transient, _one_line, _translate
-from cachefs.ufs_hdfs import HdfsObjects, next_batch
+from cachefs.ufs_hdfs import HdfsObjects
 from cachefs.ufs_s3 import S3Objects
 from cachefs.ufs_uri import (  # noqa: F401 - the names callers import from here
     SCHEMES,
@@ -35,6 +36,11 @@ from cachefs.ufs_uri import (  # noqa: F401 - the names callers import from here
 )
 
 _T = TypeVar("_T")
+
+
+def _take(entries: Iterator[RemoteEntry], n: int) -> list[RemoteEntry]:
+    """Up to n entries of a walk (a blocking step: it runs in a thread)."""
+    return list(itertools.islice(entries, n))
 
 
 def _open_hdfs(u: DatasetUri) -> HdfsObjects:
@@ -331,8 +337,9 @@ class RemoteStore:
         """Everything below the root, in batches of at most `batch_size` (any order).
 
         Memory stays bounded (by the number of directories at most): a local tree is walked
-        with os.scandir; S3 is listed flat, 1,000 keys per request; HDFS one directory per
-        call, several at a time. The deadline applies to each step, not the walk.
+        with os.scandir; S3 is listed flat, 1,000 keys per request; HDFS by hdfs-native's
+        recursive listing, a batch per step; WebHDFS (and libhdfs) one directory per call,
+        several at a time. The deadline applies to each step, not the walk.
         """
         if batch_size < 1:
             raise errors.InvalidArgument(f"batch_size must be positive, not {batch_size}")
@@ -355,7 +362,9 @@ class RemoteStore:
         if self._hdfs is not None:
             walk = self._hdfs.walk()
             # No retries: a failed step may have consumed entries (as for a local tree).
-            while batch := await self._run("list", "", next_batch, walk, batch_size, retry=False):
+            while batch := await self._run(
+                "list", "", _take, walk, batch_size, retry=False
+            ):
                 yield batch
             return
         pending, buf = [""], []  # a stack: depth-first keeps the pending list short

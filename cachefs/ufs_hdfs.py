@@ -78,13 +78,3 @@ class HdfsObjects:
             if offset >= size or length <= 0:
                 return b""
             return f.read_range(offset, min(length, size - offset))
-
-
-def next_batch(walk: Iterator[RemoteEntry], n: int) -> list[RemoteEntry]:
-    """Up to n entries of a walk (a blocking step: runs in a thread)."""
-    out = []
-    for entry in walk:
-        out.append(entry)
-        if len(out) >= n:
-            break
-    return out

@@ -13,6 +13,7 @@ load; their schedule is persisted and resumed after a master restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -200,52 +201,45 @@ class LoadJobs:
         await self.workers.update()
         if not self.workers.workers:
             raise Unavailable("no live workers to load into")
-        by_worker: dict[str, list[list]] = defaultdict(list)
-        copies = 0
+        # Each file's workers, ranked once, in the plan's order: [(spec, [worker_id, ...])].
+        placed = []
         for path, spec in files:
             ranked = self.workers.ranked(cache_key(job["dataset"], path, spec[1], spec[2], spec[3]))
-            for worker_id in ranked[: job["replicas"]]:
-                by_worker[worker_id].append(spec)
-                copies += 1
+            placed.append((spec, ranked[: job["replicas"]]))
         # With replicas > 1 the counters count file copies (a file on 2 workers counts twice).
         progress = job["progress"]
-        progress["files"] = copies
-        progress["bytes"] = sum(spec[1] for specs in by_worker.values() for spec in specs)
+        progress["files"] = sum(len(owners) for _, owners in placed)
+        progress["bytes"] = sum(spec[1] * len(owners) for spec, owners in placed)
         saver = _ProgressSaver(self.store, job)
         if job.get("window"):
-            await self._load_in_order(job, files, saver)
+            await self._load_in_order(job, placed, saver)
         else:
             async with trio.open_nursery() as nursery:
-                for worker_id, specs in by_worker.items():
+                for worker_id, specs in _by_worker(placed).items():
                     nursery.start_soon(self._feed_worker, job, worker_id, specs, saver)
         saver.save(force=True)
 
-    async def _load_in_order(self, job, files, saver) -> None:
+    async def _load_in_order(self, job, placed, saver) -> None:
         """An order hint (`cachefs prefetch --order`): small batches in the readers' order, at
         most `window` files in flight, so the files needed first are fetched first."""
-        from cachefs.meta import cache_key
-
         size = max(1, min(ORDERED_BATCH_FILES, job["window"]))
         slots = trio.Semaphore(max(1, job["window"] // size))
-        unlimited = trio.Semaphore(len(files) + 1)  # slots already bound the batches
 
         async def one(chunk, held):
-            by_worker: dict[str, list[list]] = defaultdict(list)
-            for path, spec in chunk:
-                key = cache_key(job["dataset"], path, spec[1], spec[2], spec[3])
-                for worker_id in self.workers.ranked(key)[: job["replicas"]]:
-                    by_worker[worker_id].append(spec)
             try:
                 async with trio.open_nursery() as nursery:
-                    for worker_id, specs in by_worker.items():
-                        nursery.start_soon(self._batch, job, worker_id, specs, saver, unlimited)
+                    for worker_id, specs in _by_worker(chunk).items():
+                        # `slots` already bound the batches in flight: no limiter per worker
+                        nursery.start_soon(
+                            self._batch, job, worker_id, specs, saver, contextlib.nullcontext()
+                        )
             finally:
                 held.release()
 
         async with trio.open_nursery() as nursery:
-            for i in range(0, len(files), size):
+            for i in range(0, len(placed), size):
                 await slots.acquire()
-                nursery.start_soon(one, files[i : i + size], slots)
+                nursery.start_soon(one, placed[i : i + size], slots)
 
     async def _feed_worker(self, job, worker_id, specs, saver) -> None:
         limiter = trio.Semaphore(BATCHES_IN_FLIGHT_PER_WORKER)
@@ -299,6 +293,15 @@ class LoadJobs:
             message = getattr(exc, "message", f"worker {worker_id} left")
             self.workers.suspect(worker_id)
             return [f"worker {worker_id} unavailable: {message}"] * len(chunk)
+
+
+def _by_worker(placed) -> dict[str, list[list]]:
+    """Files grouped by the workers they are loaded into, each group in the given order."""
+    by_worker: dict[str, list[list]] = defaultdict(list)
+    for spec, owners in placed:
+        for worker_id in owners:
+            by_worker[worker_id].append(spec)
+    return by_worker
 
 
 class _ProgressSaver:

@@ -28,6 +28,21 @@ def upload_clips(hdfs: HdfsCluster, root: str, count: int, seed: int) -> dict[st
     return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
 
 
+def loaded_but_one(cluster, mounts, hdfs, name: str, *, seed: int, op_timeout: int):
+    """Dataset `name`: 40 files on HDFS, all loaded but the last; a cluster mount with that
+    op deadline that knows every name. Returns (mountpoint, rel -> sha256, the uncached rel)."""
+    master, _ = cluster
+    root = f"/cachefs-{name}"
+    digests = upload_clips(hdfs, root, 40, seed=seed)
+    assert cli(master, "dataset", "add", name, hdfs.uri + root).returncode == 0
+    uncached = sorted(digests)[-1]
+    assert cli(master, "load", name, *sorted(digests)[:-1]).returncode == 0
+    mnt = mounts.mount(name, "--master", master.address, "--prefetch", "0",
+                       "--op-timeout", str(op_timeout))  # fmt: skip
+    (mnt / uncached).stat()  # known to the mount: only its data is missing
+    return mnt, digests, uncached
+
+
 def test_hdfs_dataset_loads_serves_and_syncs(cluster, mounts, hdfs_cluster):
     master, _ = cluster
     root = "/cachefs-load"
@@ -57,14 +72,7 @@ def test_hdfs_dataset_loads_serves_and_syncs(cluster, mounts, hdfs_cluster):
 
 
 def test_a_silent_namenode_costs_the_mount_a_deadline_not_a_hang(cluster, mounts, hdfs):
-    master, _ = cluster
-    root = "/cachefs-nn"
-    digests = upload_clips(hdfs, root, 40, seed=32)
-    assert cli(master, "dataset", "add", "n", hdfs.uri + root).returncode == 0
-    uncached = sorted(digests)[-1]
-    assert cli(master, "load", "n", *sorted(digests)[:-1]).returncode == 0
-    mnt = mounts.mount("n", "--master", master.address, "--op-timeout", "8", "--prefetch", "0")
-    (mnt / uncached).stat()  # known to the mount: only its data is missing
+    mnt, digests, uncached = loaded_but_one(cluster, mounts, hdfs, "n", seed=32, op_timeout=8)
     with hdfs.paused("namenode"):
         cached = sorted(digests)[:-1]
         assert read_all(mnt, cached) == {rel: digests[rel] for rel in cached}
@@ -97,14 +105,7 @@ def test_datanodes_paused_and_killed_during_an_epoch_cost_no_reader_errors(
 
 
 def test_a_stopped_namenode_after_load_leaves_the_cache_readable(cluster, mounts, hdfs):
-    master, _ = cluster
-    root = "/cachefs-nn-down"
-    digests = upload_clips(hdfs, root, 40, seed=34)
-    assert cli(master, "dataset", "add", "s", hdfs.uri + root).returncode == 0
-    uncached = sorted(digests)[-1]
-    assert cli(master, "load", "s", *sorted(digests)[:-1]).returncode == 0
-    mnt = mounts.mount("s", "--master", master.address, "--prefetch", "0", "--op-timeout", "10")
-    (mnt / uncached).stat()
+    mnt, digests, uncached = loaded_but_one(cluster, mounts, hdfs, "s", seed=34, op_timeout=10)
     hdfs.stop_namenode(kill=True)
     cached = sorted(digests)[:-1]
     assert read_all(mnt, cached) == {rel: digests[rel] for rel in cached}
