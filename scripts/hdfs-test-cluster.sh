@@ -22,6 +22,9 @@
 #
 # Everything listens on 127.0.0.1, on ports the kernel picks (the NameNode's RPC and HTTP ports
 # are read from its log, then written into DIR/conf so DataNodes and restarts use them).
+# DataNodes advertise the host name $CACHEFS_HDFS_ADVERTISE (default 127.0.0.1): clients with
+# dfs.client.use.datanode.hostname=true connect there (benchmarks/seed_scenario.py: a relay on
+# another host's address, same ports, in front of the DataNodes).
 # Replication is min(3, DATANODES). In DIR: conf/, logs/NODE.log, pids/NODE.pid, data/NODE/,
 # cluster.env (URI, ports, counts). JVM options: $CACHEFS_HDFS_JAVA_OPTS (default -Xmx256m);
 # readiness timeout in seconds: $CACHEFS_HDFS_TIMEOUT (default 120).
@@ -54,6 +57,7 @@ CACHE_ROOT=${CACHEFS_HDFS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cachefs-hdfs}
 HOME_DIR=$CACHE_ROOT/hadoop-$HADOOP_VERSION  # lib/*.jar, webapps/, .complete
 JAVA_OPTS=${CACHEFS_HDFS_JAVA_OPTS:--Xmx256m}
 TIMEOUT=${CACHEFS_HDFS_TIMEOUT:-120}
+ADVERTISE=${CACHEFS_HDFS_ADVERTISE:-127.0.0.1}
 PYTHON=${PYTHON:-python3}
 
 die() { echo "hdfs-test-cluster: $*" >&2; exit 1; }
@@ -213,7 +217,7 @@ write_conf() {  # DIR RPC_PORT HTTP_PORT REPLICATION
         property dfs.datanode.http.address 127.0.0.1:0
         property dfs.datanode.https.address 127.0.0.1:0
         property dfs.datanode.ipc.address 127.0.0.1:0
-        property dfs.datanode.hostname 127.0.0.1
+        property dfs.datanode.hostname "$ADVERTISE"
         property dfs.replication "$replication"
         # Out of safe mode as soon as the blocks are reported (restarts), no 30 s extension.
         property dfs.namenode.safemode.extension 0
@@ -282,15 +286,15 @@ while True:
     if dead:
         why = f"{', '.join(dead)} exited"
         break
-    addrs = {}
+    ports = {}  # LiveNodes is keyed "advertised-host:xfer-port": a node is known by its port
     for node in want:
-        m = re.search(r"Opened streaming server at /([\d.]+:\d+)", last_run(node))
+        m = re.search(r"Opened streaming server at /[\d.]+:(\d+)", last_run(node))
         if m:
-            addrs[node] = m.group(1)
+            ports[node] = m.group(1)
     try:
         info = jmx("NameNodeInfo")
-        live = json.loads(info["LiveNodes"])
-        missing = [n for n in want if addrs.get(n) not in live or not live[addrs[n]]["capacity"]]
+        live = {k.rsplit(":", 1)[1]: v for k, v in json.loads(info["LiveNodes"]).items()}
+        missing = [n for n in want if ports.get(n) not in live or not live[ports[n]]["capacity"]]
         if info["Safemode"]:
             why = f"NameNode in safe mode: {info['Safemode'].strip()}"
         elif missing:

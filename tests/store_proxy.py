@@ -23,6 +23,12 @@ Counts (counts()): requests, then by kind gets (object GETs), heads, lists (GET 
 others (PUT, DELETE, ...), all as they arrive (faulted ones too); failed, reset, stalled.
 gets() counts object GETs by "bucket/key".
 
+`protocol="tcp"` relays bytes instead (HDFS: one relay per NameNode / DataNode port): answers
+reach the client `delay` s after they left the upstream, and at most `bandwidth` bytes/s flow
+to clients over all of the relay's connections (a link or disk the store shares with other
+jobs); counts are connections and bytes each way. Faults are the real store's own there (a
+paused or killed DataNode).
+
 Both sides keep connections alive, one upstream connection per client connection (reopened
 when the upstream closes it: moto's werkzeug closes after every answer). Messages are read
 whole and re-framed with Content-Length; hop-by-hop headers are dropped.
@@ -45,6 +51,9 @@ from urllib.parse import parse_qsl, unquote
 
 FAULTS = {"delay": 0.0, "fail_rate": 0.0, "reset_rate": 0.0, "stall_rate": 0.0,
           "stall_seconds": 4.0}  # fmt: skip
+TCP_FAULTS = {"delay": 0.0, "bandwidth": 0.0}  # bandwidth in bytes/s; 0: unlimited
+TCP_KINDS = ("connections", "bytes_up", "bytes_down")
+CHUNK = 1 << 16
 KINDS = ("requests", "gets", "heads", "lists", "others", "failed", "reset", "stalled")
 SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -222,6 +231,82 @@ class _Core:
         return up, (status, lines, body, length)
 
 
+class _TcpCore:
+    """A byte relay with one-way latency and a shared bandwidth; touched only from its loop."""
+
+    def __init__(self, upstream: str, faults: dict, seed: int):
+        self.upstream = upstream.rsplit(":", 1)
+        self.faults = {**TCP_FAULTS, **faults}
+        self.counts: Counter = Counter(dict.fromkeys(TCP_KINDS, 0))
+        self.tasks: set[asyncio.Task] = set()
+        self._link_free = 0.0  # when the shared link has sent everything scheduled so far
+
+    async def start(self, sock: socket.socket) -> None:
+        self.server = await asyncio.start_server(self._serve, sock=sock, backlog=1024)
+
+    close = _Core.close
+
+    async def command(self, cmd: dict) -> dict:
+        if cmd["op"] == "set":
+            self.faults.update(cmd["faults"])
+            return dict(self.faults)
+        if cmd["op"] == "reset":
+            self.counts = Counter(dict.fromkeys(TCP_KINDS, 0))
+        return {} if cmd["op"] == "gets" else dict(self.counts)
+
+    async def _serve(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.tasks.add(asyncio.current_task())
+        uw = None
+        try:
+            ur, uw = await asyncio.open_connection(self.upstream[0], int(self.upstream[1]))
+            self.counts["connections"] += 1
+            # Ahead of the client by at most 16 chunks: a slow link holds the upstream back.
+            answers: asyncio.Queue = asyncio.Queue(16)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pump_up(cr, uw))
+                group.create_task(self._receive(ur, answers))
+                group.create_task(self._deliver(answers, cw))
+        except (OSError, ExceptionGroup):
+            pass  # either side left: the other is dropped too
+        except asyncio.CancelledError:
+            pass  # stop()
+        finally:
+            self.tasks.discard(asyncio.current_task())
+            cw.transport.abort()
+            if uw is not None:
+                uw.transport.abort()
+
+    async def _pump_up(self, cr: asyncio.StreamReader, uw: asyncio.StreamWriter) -> None:
+        while data := await cr.read(CHUNK):
+            self.counts["bytes_up"] += len(data)
+            uw.write(data)
+            await uw.drain()
+        uw.write_eof()
+
+    async def _receive(self, ur: asyncio.StreamReader, answers: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while data := await ur.read(CHUNK):
+            await answers.put((loop.time() + self.faults["delay"], data))
+        await answers.put((loop.time() + self.faults["delay"], b""))
+
+    async def _deliver(self, answers: asyncio.Queue, cw: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, data = await answers.get()
+            if bandwidth := self.faults["bandwidth"]:
+                # The link sends chunks one after another, in the order they reach it.
+                self._link_free = max(self._link_free, due) + len(data) / bandwidth
+                due = self._link_free
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                cw.write_eof()
+                raise ConnectionResetError("the upstream closed")  # ends the relay
+            self.counts["bytes_down"] += len(data)
+            cw.write(data)
+            await cw.drain()
+
+
 class _Loop:
     """An event loop in a daemon thread, running one _Core."""
 
@@ -257,20 +342,23 @@ class StoreProxy:
         bind: Callable[[Callable[[], socket.socket]], socket.socket] | None = None,
         subprocess: bool = False,
         seed: int = 0,
+        protocol: str = "http",
         **faults: float,
     ):
-        _check(faults)
+        _check(faults, protocol)
         listen = lambda: socket.create_server((host, port), backlog=1024)  # noqa: E731
         sock = bind(listen) if bind is not None else listen()
         self.endpoint = f"{host}:{sock.getsockname()[1]}"
         self.upstream = upstream
+        self.protocol = protocol
         self._lock = threading.Lock()
         self._loop = self._proc = None
         self._last: dict | None = None  # the counts when stop() was called
         if not subprocess:
-            self._loop = _Loop(_Core(upstream, faults, seed), sock)
+            self._loop = _Loop(CORES[protocol](upstream, faults, seed), sock)
             return
-        config = {"upstream": upstream, "faults": faults, "seed": seed, "fd": sock.fileno()}
+        config = {"upstream": upstream, "faults": faults, "seed": seed, "fd": sock.fileno(),
+                  "protocol": protocol}  # fmt: skip
         self._proc = Popen([sys.executable, "-I", __file__, json.dumps(config)], stdin=PIPE,
                            stdout=PIPE, text=True, pass_fds=[sock.fileno()])  # fmt: skip
         sock.close()  # the child's copy listens: ours would keep the store up after stop()
@@ -309,7 +397,7 @@ class StoreProxy:
 
     def set(self, **faults: float) -> dict:
         """Changes some faults from the next request on; returns all of them."""
-        _check(faults)
+        _check(faults, self.protocol)
         return self._command("set", faults=faults)
 
     def counts(self) -> dict[str, int]:
@@ -343,15 +431,21 @@ class StoreProxy:
                 self._proc.wait()
 
 
-def _check(faults: dict) -> None:
-    unknown = set(faults) - set(FAULTS)
+CORES = {"http": _Core, "tcp": _TcpCore}
+
+
+def _check(faults: dict, protocol: str) -> None:
+    if protocol not in CORES:
+        raise ValueError(f"protocol is one of {sorted(CORES)}, not {protocol!r}")
+    known = TCP_FAULTS if protocol == "tcp" else FAULTS
+    unknown = set(faults) - set(known)
     if unknown:
-        raise TypeError(f"unknown store faults {sorted(unknown)}; known: {sorted(FAULTS)}")
+        raise TypeError(f"unknown {protocol} faults {sorted(unknown)}; known: {sorted(known)}")
 
 
 def _child(config: dict) -> None:
     """The subprocess: serves on the inherited socket, answers commands until stdin closes."""
-    core = _Core(config["upstream"], config["faults"], config["seed"])
+    core = CORES[config["protocol"]](config["upstream"], config["faults"], config["seed"])
     loop = _Loop(core, socket.socket(fileno=config["fd"]))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

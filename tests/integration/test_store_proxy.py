@@ -184,5 +184,66 @@ def test_delay_before_each_answer(proxy, bucket):
 
 
 def test_unknown_fault_is_refused(moto_server):
-    with pytest.raises(TypeError, match="unknown store faults"):
+    with pytest.raises(TypeError, match="unknown http faults"):
         StoreProxy(moto_server.endpoint, fail=0.5)
+
+
+# --- protocol="tcp": a byte relay (HDFS) ------------------------------------------------------
+
+
+@pytest.fixture
+def echo_server():
+    """A real TCP server that sends back what it gets (in one thread per connection)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(1 << 16):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def _exchange(relay: StoreProxy, payload: bytes) -> tuple[bytes, float]:
+    host, port = relay.endpoint.rsplit(":", 1)
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += conn.recv(1 << 16)
+    return got, time.monotonic() - started
+
+
+@pytest.mark.parametrize("mode", ["thread", "subprocess"])
+def test_tcp_relay_delays_answers_and_caps_bandwidth(echo_server, mode):
+    with StoreProxy(echo_server, protocol="tcp", subprocess=mode == "subprocess") as relay:
+        got, _ = _exchange(relay, b"ping")
+        assert got == b"ping"
+        relay.set(delay=0.2)
+        got, slow = _exchange(relay, b"ping")
+        assert got == b"ping" and slow >= 0.2
+        relay.set(delay=0.0, bandwidth=2_000_000)
+        payload = bytes(range(256)) * 4096  # 1 MiB: half a second at 2 MB/s
+        got, capped = _exchange(relay, payload)
+        assert got == payload and capped >= 0.5
+        counts = relay.counts()
+        assert counts["connections"] == 3
+        assert counts["bytes_up"] == counts["bytes_down"] == 8 + len(payload)
+
+
+def test_tcp_relay_refuses_http_faults(echo_server):
+    with pytest.raises(TypeError, match="unknown tcp faults"):
+        StoreProxy(echo_server, protocol="tcp", fail_rate=0.1)
+    with pytest.raises(ValueError, match="protocol is one of"):
+        StoreProxy(echo_server, protocol="udp")
