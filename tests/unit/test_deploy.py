@@ -555,6 +555,66 @@ def test_compose_sample_job_uses_flags_cachefs_sample_accepts(compose):
     assert any(PurePosixPath(root).is_relative_to(t) for t in volume_targets)
 
 
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def _shown_compose_commands(path: Path) -> list[list[str]]:
+    """The `docker compose ...` command lines a file shows (in comments or in a README's code
+    blocks), as words, with any leading VAR=value assignments and without trailing comments."""
+    found = []
+    for line in path.read_text().splitlines():
+        line = line.strip().lstrip("#").strip()
+        if re.match(r"(\w+=\S*\s+)*docker compose\s", line):
+            found.append(shlex.split(line, comments=True))
+    return found
+
+
+def test_compose_hdfs_profile_serves_hdfs_with_the_default_image(compose):
+    """The `hdfs` profile as documented (the compose file's header, deploy/README.md): started
+    without CACHEFS_WITH_HDFS, since hdfs-native is a dependency of cachefs and so in the
+    default image; the hdfs:// dataset it registers names the NameNode's RPC address and the
+    path hdfs-seed fills; the DataNode shares the cachefs containers' network, so the IP the
+    NameNode hands out for it is reachable (no dfs.client.use.datanode.hostname)."""
+    services = compose["services"]
+    assert "hdfs-native" in _requirement_names(PYPROJECT["project"]["dependencies"])
+    for name, service in services.items():
+        if _uses_cachefs_image(service):  # WITH_HDFS: only for -o client=libhdfs (a JVM)
+            assert (service["build"].get("args") or {}).get("WITH_HDFS", "false") == "false", name
+    hdfs = {name for name, s in services.items() if "hdfs" in (s.get("profiles") or [])}
+    assert hdfs == {"namenode", "datanode", "hdfs-seed"}
+    for name, service in services.items():  # one default network: DataNode IPs are reachable
+        assert "network_mode" not in service and "networks" not in service, f"{name}: network"
+    hadoop = compose["x-hadoop-env"]
+    nn_host, nn_port = parse_address(hadoop["HDFS-SITE.XML_dfs.namenode.rpc-address"])
+    assert nn_host in services and services[nn_host]["hostname"] == nn_host
+    assert hadoop["CORE-SITE.XML_fs.defaultFS"] == f"hdfs://{nn_host}:{nn_port}"
+    (seeded,) = re.findall(r"hdfs dfs -put \S+ (\S+)", "\n".join(services["hdfs-seed"]["command"]))
+    client_env = _service_env(services["client"])
+    assert {"CACHEFS_MASTER", "CACHEFS_SECRET_FILE"} <= set(client_env)
+    for path in (COMPOSE_FILE, DEPLOY / "README.md"):
+        commands = _shown_compose_commands(path)
+        ups = [c for c in commands if "hdfs" in c and "up" in c]
+        assert ups, f"{path.name}: no `docker compose --profile hdfs up` shown"
+        for words in ups:
+            assert "--profile" in words and not any(w.startswith("CACHEFS_") for w in words), (
+                f"{path.name}: the hdfs profile needs no build variable: {shlex.join(words)}"
+            )
+        adds = []
+        for words in commands:
+            if words[2:5] == ["exec", "client", "cachefs"]:
+                inv = parse_cachefs(words[5:], f"{path.name}: {shlex.join(words)}")
+                if inv.path == "dataset add" and inv.params["uri"].startswith("hdfs://"):
+                    adds.append(inv)
+        assert adds, f"{path.name}: no hdfs:// `cachefs dataset add` shown"
+        for inv in adds:
+            check_values(inv)
+            options = dict(pair.split("=", 1) for pair in inv.params["options"])
+            assert options.get("client", "native") == "native", "the default image has no JVM"
+            uri = parse_uri(inv.params["uri"], options)
+            assert (uri.host, uri.port, uri.path) == (nn_host, nn_port, seeded), inv.where
+
+
 # --- Kubernetes ----------------------------------------------------------------------------------
 
 EXPECTED_KINDS = {
@@ -1110,6 +1170,19 @@ def test_dockerfile_base_build_deps_and_entrypoint():
         assert word in text, word
 
 
+def test_dockerfile_default_image_reads_hdfs_without_a_jvm():
+    """hdfs:// goes through hdfs-native, a dependency installed with cachefs (the build imports
+    it); the JVM client stays behind WITH_HDFS, off by default."""
+    instructions = dockerfile_instructions()
+    assert "hdfs-native" in _requirement_names(PYPROJECT["project"]["dependencies"])
+    runs = [rest for name, rest in instructions if name == "RUN"]
+    (install,) = [r for r in runs if re.search(r"pip install [^&]*\bcachefs\b", r)]
+    assert re.search(r"&& python -c ['\"]import hdfs_native['\"]", install), install
+    assert "ARG WITH_HDFS=false" in [f"{name} {rest}" for name, rest in instructions]
+    (jvm,) = [r for r in runs if "default-jre-headless" in r]
+    assert jvm.startswith('if [ "$WITH_HDFS" = "true" ]; then'), jvm[:60]
+
+
 def test_dockerfile_copies_every_package_dir_and_the_context_keeps_them():
     copies = [
         rest.split()
@@ -1159,6 +1232,10 @@ def test_the_files_the_dockerfile_copies_build_a_complete_wheel(tmp_path):
         assert f"{package.replace('.', '/')}/__init__.py" in names, package
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "cachefs = cachefs.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # the image's `pip wheel .` fetches these, hdfs-native (the JVM-free HDFS client) among them
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("/METADATA")))
+    requires = re.findall(r"^Requires-Dist: (.+)$", metadata.decode(), re.M)
+    assert "hdfs-native" in _requirement_names([r for r in requires if "extra ==" not in r])
 
 
 # --- systemd -------------------------------------------------------------------------------------
