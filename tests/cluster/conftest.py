@@ -174,28 +174,34 @@ class Cluster:
     def __init__(
         self,
         tmp_path: Path,
-        moto_endpoint: str,
+        moto_endpoint: str | None,
         *,
         workers: tuple[str, ...] = WORKERS,
         worker_args: dict[str, list[str]] | None = None,
         clients: tuple[str, ...] = CLIENTS,
         liveness: float = LIVENESS,
+        net: Network | None = None,
     ):
+        """`net`: hosts to reuse (a benchmark's clusters one after another on the same store
+        host); the caller closes it. Otherwise the cluster makes its own and closes it."""
         self.tmp = tmp_path
         self.liveness = liveness
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.worker_args = dict(worker_args or {})
         self.mounts: list[Path] = []
         self.workers: dict[str, NsService] = {}
-        self.net = Network()
+        self.own_net = net is None
+        self.net = net or Network()
         try:
             for name in ("store", "master", *workers, *clients):
-                self.net.add_host(name)
+                if name not in self.net.hosts:
+                    self.net.add_host(name)
             # The store host: its listening socket is made in the store's namespace, so workers
             # and clients reach the store over the network; the proxy's own connections go to
-            # moto from the test process's namespace.
+            # moto from the test process's namespace. Without moto (benchmarks/seed_scenario.py)
+            # the caller puts its own store's relays on that host.
             store = self.net["store"]
-            self.store = StoreProxy(
+            self.store = moto_endpoint and StoreProxy(
                 moto_endpoint, host=store.ip, port=STORE_PORT, bind=store.bind_here
             )
             master = self.net["master"]
@@ -265,9 +271,10 @@ class Cluster:
                 service.proc.send_signal(signal.SIGTERM)
         for service in services:
             service.stop()
-        if getattr(self, "store", None) is not None:
+        if getattr(self, "store", None):
             self.store.stop()
-        self.net.close()  # also kills the mount processes, in the clients' namespaces
+        if self.own_net:
+            self.net.close()  # also kills the mount processes, in the clients' namespaces
         assert not stuck, f"still mounted: {stuck}"
 
     # ---- commands ------------------------------------------------------------------------
