@@ -79,7 +79,8 @@ def _endpoint(u: DatasetUri) -> str:
         return "local filesystem"
     if not u.host:
         return "the default HDFS namenode"
-    return f"{'HDFS namenode' if u.scheme == 'hdfs' else 'WebHDFS'} {u.host}:{u.port}"
+    where = f"{u.host}:{u.port}" if u.port else u.host  # no port: an HDFS name service
+    return f"{'HDFS namenode' if u.scheme == 'hdfs' else 'WebHDFS'} {where}"
 
 
 _TEMPLATES: dict[type[errors.CacheFsError], str] = {

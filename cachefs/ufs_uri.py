@@ -14,7 +14,10 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from cachefs import errors
 
 SCHEMES = ("file", "s3", "hdfs", "webhdfs")
-_FORMS = "file:///abs/dir, s3://bucket/prefix, hdfs://namenode:8020/path, webhdfs://host:9870/path"
+_FORMS = (
+    "file:///abs/dir, s3://bucket/prefix, hdfs://namenode:8020/path, hdfs://nameservice/path, "
+    "webhdfs://host:9870/path"
+)
 
 # Options each scheme accepts (URI query or `-o KEY=VALUE`), with their value types.
 _OPTIONS: dict[str, dict[str, type]] = {
@@ -156,9 +159,12 @@ def parse_uri(uri: str, options: dict[str, str] | None = None) -> DatasetUri:
     if "@" in host:
         raise _invalid(uri, "put the user in options (user=...), not in the URI")
     hostname = parts.hostname or ""
+    if scheme == "hdfs" and hostname:  # a name service's case counts: dfs.ha.namenodes.MyNS
+        start = host.lower().find(hostname)
+        hostname = host[start : start + len(hostname)]
     if scheme == "webhdfs" and not hostname:
         raise _invalid(uri, "webhdfs:// needs a host, e.g. webhdfs://namenode:9870/path")
-    # hdfs://NAME without a port may be a name service (HA NameNodes from HADOOP_CONF_DIR):
-    # it keeps no port, and the client falls back to 8020 for a plain host.
+    # hdfs://NAME without a port may be a name service (HA NameNodes from dfs.* options or
+    # HADOOP_CONF_DIR): it keeps no port, and the client falls back to 8020 for a plain host.
     default_port = 9870 if scheme == "webhdfs" else None
     return DatasetUri(scheme, hostname, port or default_port, "/" + "/".join(clean), merged)

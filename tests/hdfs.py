@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,8 @@ CLIENT_CONFIG = {
     "dfs.client.failover.sleep.base.millis": "100",
     "dfs.client.failover.sleep.max.millis": "200",
 }
+#: Hadoop's default proxy provider for a name service (hdfs-native's behaviour without one too).
+FAILOVER_PROVIDER = "org.apache.hadoop.hdfs.server.namenode.ha.ConfiguredFailoverProxyProvider"
 #: The script's bound on installing (first use: ~15 s), formatting and waiting for readiness.
 START_TIMEOUT = 600.0
 NODE_TIMEOUT = 180.0
@@ -101,6 +104,20 @@ class HdfsCluster:
         from hdfs_native import Client
 
         return Client(self.uri, {**CLIENT_CONFIG, **(config or {})})
+
+    def nameservice_config(self, ns: str) -> dict[str, str]:
+        """Hadoop settings of an HA name service `ns` whose first NameNode (nn1) is dead (a
+        loopback port nothing listens on) and whose second (nn2) is this cluster's NameNode."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        return {
+            "dfs.nameservices": ns,
+            f"dfs.ha.namenodes.{ns}": "nn1,nn2",
+            f"dfs.namenode.rpc-address.{ns}.nn1": f"127.0.0.1:{dead}",
+            f"dfs.namenode.rpc-address.{ns}.nn2": self.uri.removeprefix("hdfs://"),
+            f"dfs.client.failover.proxy.provider.{ns}": FAILOVER_PROVIDER,
+        }
 
     @property
     def shared_client(self) -> Any:

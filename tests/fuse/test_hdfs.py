@@ -71,6 +71,26 @@ def test_hdfs_dataset_loads_serves_and_syncs(cluster, mounts, hdfs_cluster):
     assert (mnt / "c0/v0000/f1.jpg").stat().st_ino == inode  # unchanged files keep their inode
 
 
+def test_a_name_service_uri_through_the_cli(cluster, mounts, hdfs_cluster):
+    """hdfs://NS/path with HA NameNodes given as -o options (nn1 dead, nn2 live): the master
+    lists through NS, the workers load and fill misses through it (the options travel with
+    the dataset)."""
+    master, _ = cluster
+    root = "/cachefs-ns"
+    digests = upload_clips(hdfs_cluster, root, 40, seed=35)
+    options = [f"-o{k}={v}" for k, v in hdfs_cluster.nameservice_config("cachefsNS").items()]
+    added = cli(master, "dataset", "add", "ns", f"hdfs://cachefsNS{root}", *options)
+    assert added.returncode == 0, added.stderr
+    assert "40 files" in added.stdout, added.stdout
+    listed = cli(master, "dataset", "ls")
+    assert f"ns\thdfs://cachefsNS{root}\t40 files" in listed.stdout, listed.stdout
+    half = sorted(digests)[::2]
+    loaded = cli(master, "load", "ns", *half)
+    assert loaded.returncode == 0 and "20/20 files" in loaded.stdout, loaded.stdout + loaded.stderr
+    mnt = mounts.mount("ns", "--master", master.address)
+    assert read_all(mnt, digests) == digests  # the other half: cold reads through the workers
+
+
 def test_a_silent_namenode_costs_the_mount_a_deadline_not_a_hang(cluster, mounts, hdfs):
     mnt, digests, uncached = loaded_but_one(cluster, mounts, hdfs, "n", seed=32, op_timeout=8)
     with hdfs.paused("namenode"):

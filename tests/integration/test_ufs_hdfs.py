@@ -1,5 +1,6 @@
 """RemoteStore on a real HDFS (tests/hdfs.py: a NameNode and 3 DataNodes) through hdfs-native:
-listing, every byte, version checks, errors, and the options that reach the client."""
+listing, every byte, version checks, errors, the options that reach the client, and name
+services (HA NameNodes: a dead first NameNode, from options or HADOOP_CONF_DIR)."""
 
 from __future__ import annotations
 
@@ -94,5 +95,62 @@ async def test_an_unreachable_namenode_fails_fast_with_a_clear_error():
     started = time.monotonic()
     store = RemoteStore(f"hdfs://127.0.0.1:{_free_port()}/data", timeout=20)
     with pytest.raises(errors.Unavailable, match="127.0.0.1"):
+        await store.check()
+    assert time.monotonic() - started < 15
+
+
+# --- a name service (HA NameNodes): nn1 is dead, the client fails over to nn2 ----------------
+
+NS = "cachefsNS"  # mixed case: Hadoop's keys (dfs.ha.namenodes.cachefsNS) are case-sensitive
+
+
+async def every_byte_through(store: RemoteStore, tree: dict[str, bytes]) -> list[float]:
+    """Checks the listing and every byte of `tree`; returns each call's seconds."""
+    seconds = []
+    started = time.monotonic()
+    await store.check()  # the first call: nn1 refuses, the client moves to nn2
+    seconds.append(time.monotonic() - started)
+    found = await listing(store)
+    assert {p: e.size for p, e in found.items() if not e.is_dir} == {
+        rel: len(data) for rel, data in tree.items()
+    }
+    for rel, data in tree.items():
+        started = time.monotonic()
+        got = await store.read_version(rel, 0, len(data) + 10, found[rel].size, found[rel].mtime_ns)
+        seconds.append(time.monotonic() - started)
+        assert got == data, rel
+    return seconds
+
+
+async def test_a_name_service_from_options_fails_over_to_the_live_namenode(hdfs_cluster, tree):
+    options = hdfs_cluster.nameservice_config(NS)
+    store = RemoteStore(f"hdfs://{NS}{ROOT}", options)
+    assert store.uri == f"hdfs://{NS}{ROOT}"  # the name service's case is kept
+    seconds = await every_byte_through(store, tree)
+    # hdfs-native tries nn1 once (refused at once on loopback), then stays with nn2.
+    assert max(seconds) < 2, seconds
+
+
+async def test_a_name_service_from_hadoop_conf_dir(hdfs_cluster, tree, tmp_path, monkeypatch):
+    def site(props: dict[str, str]) -> str:
+        body = "".join(f"<property><name>{k}</name><value>{v}</value></property>"
+                       for k, v in props.items())  # fmt: skip
+        return f'<?xml version="1.0"?><configuration>{body}</configuration>\n'
+
+    (tmp_path / "core-site.xml").write_text(site({"fs.defaultFS": f"hdfs://{NS}"}))
+    (tmp_path / "hdfs-site.xml").write_text(site(hdfs_cluster.nameservice_config(NS)))
+    # hdfs-native reads HADOOP_CONF_DIR when a client is created (RemoteStore's constructor).
+    monkeypatch.setenv("HADOOP_CONF_DIR", str(tmp_path))
+    for uri in (f"hdfs://{NS}{ROOT}", f"hdfs://{ROOT}"):  # the name service; fs.defaultFS
+        store = RemoteStore(uri)
+        assert max(await every_byte_through(store, tree)) < 2
+
+
+async def test_a_name_service_with_no_live_namenode_fails_fast_naming_it():
+    dead = {f"dfs.namenode.rpc-address.{NS}.nn{i}": f"127.0.0.1:{_free_port()}" for i in (1, 2)}
+    options = {"dfs.nameservices": NS, f"dfs.ha.namenodes.{NS}": "nn1,nn2", **dead}
+    started = time.monotonic()
+    store = RemoteStore(f"hdfs://{NS}/data", options, timeout=20)
+    with pytest.raises(errors.Unavailable, match=f"cannot reach HDFS namenode {NS} for"):
         await store.check()
     assert time.monotonic() - started < 15

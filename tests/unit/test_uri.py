@@ -27,6 +27,9 @@ from cachefs.ufs import DatasetUri, parse_uri
         ("hdfs://nn:8020/p", DatasetUri("hdfs", "nn", 8020, "/p"), "hdfs://nn:8020/p"),
         ("hdfs://nn/p", DatasetUri("hdfs", "nn", None, "/p"), "hdfs://nn/p"),  # or a name service
         ("hdfs:///p", DatasetUri("hdfs", "", None, "/p"), "hdfs:///p"),
+        # a name service's case is kept: Hadoop's keys (dfs.ha.namenodes.MyNS) are case-sensitive
+        ("hdfs://MyNS/p", DatasetUri("hdfs", "MyNS", None, "/p"), "hdfs://MyNS/p"),
+        ("hdfs://NN.Ex:8020/p", DatasetUri("hdfs", "NN.Ex", 8020, "/p"), "hdfs://NN.Ex:8020/p"),
         ("webhdfs://nn/p", DatasetUri("webhdfs", "nn", 9870, "/p"), "webhdfs://nn:9870/p"),
         ("webhdfs://nn:50070", DatasetUri("webhdfs", "nn", 50070, "/"), "webhdfs://nn:50070/"),
     ],
