@@ -92,8 +92,15 @@ class _Loop:
         self.thread = threading.Thread(target=self._run, name="cachefs-client", daemon=True)
         self.thread.start()
         self._ready.wait()
-        if self._failure is not None:
-            raise self._failure
+        failure = self._failure
+        while isinstance(failure, BaseExceptionGroup) and len(failure.exceptions) == 1:
+            failure = failure.exceptions[0]
+        if isinstance(failure, errors.CacheFsError):
+            raise _os_error(failure) from None
+        if isinstance(failure, trio.TooSlowError):
+            raise TimeoutError(f"the master did not answer within {client.timeout:g}s") from None
+        if failure is not None:
+            raise failure
 
     def _run(self) -> None:
         try:
