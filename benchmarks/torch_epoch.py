@@ -11,6 +11,11 @@ the loader's iterator (worker start-up included, as in training) to the last bat
 --unbuffered opens files with buffering=0 (docs/performance.md): Python's buffered open() asks
 the kernel isatty() first, one more FUSE request per file.
 
+--cachefs MASTER reads through the Python API instead (docs/python.md): ROOT is then the
+dataset's name and the Dataset is cachefs.torch.CachefsDataset (its items checked the same
+way); --order-hint W hands each epoch's order to the cluster (EpochPrefetchSampler, W files in
+flight). --limit N reads only the first N files of the shuffled order.
+
 Prints one JSON line: {"seconds", "first_batch_s", "files", "bytes"}. Exit status 3 (and the
 message on stderr) if any file had the wrong content.
 """
@@ -53,6 +58,18 @@ class Frames(Dataset):
         return data
 
 
+def checked(manifest_files: dict[str, tuple[int, int]]):
+    """A CachefsDataset transform: the file's bytes, checked against the manifest."""
+
+    def transform(rel: str, data: bytes) -> bytes:
+        size, digest = manifest_files[rel]
+        if len(data) != size or xxhash.xxh3_64_intdigest(data) != digest:
+            raise FileContentError(f"{rel}: wrong content ({len(data)} bytes, expected {size})")
+        return data
+
+    return transform
+
+
 def collate(items: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
     """(all bytes as one uint8 tensor, the length of each file)."""
     joined = bytearray(b"".join(items))
@@ -67,18 +84,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--unbuffered", action="store_true", help="open with buffering=0")
+    parser.add_argument("--cachefs", metavar="MASTER", help="read ROOT (a dataset) via the API")
+    parser.add_argument("--order-hint", type=int, default=0, metavar="W")
+    parser.add_argument("--limit", type=int, default=0)
     args = parser.parse_args()
     manifest = json.loads(args.manifest.read_text())["files"]
     files = [(rel, size, digest) for rel, (size, digest) in sorted(manifest.items())]
     order = list(range(len(files)))
     random.Random(args.seed).shuffle(order)
-    expected = sum(size for _, size, _ in files)
+    if args.limit:
+        order = order[: args.limit]
+    expected = sum(files[i][1] for i in order)
 
     torch.set_num_threads(1)
+    if args.cachefs:
+        from cachefs.torch import CachefsDataset, EpochPrefetchSampler
+
+        dataset = CachefsDataset(str(args.root), master=args.cachefs,
+                                 transform=checked(dict(manifest.items())))  # fmt: skip
+        assert dataset.paths == [rel for rel, _, _ in files], "the dataset is not the manifest"
+        sampler = EpochPrefetchSampler(order, dataset, window=args.order_hint) \
+            if args.order_hint else order  # fmt: skip
+    else:
+        dataset, sampler = Frames(args.root, files, args.unbuffered), order
     loader = DataLoader(
-        Frames(args.root, files, args.unbuffered),
+        dataset,
         batch_size=args.batch,
-        sampler=order,
+        sampler=sampler,
         num_workers=args.workers,
         collate_fn=collate,
     )
@@ -97,7 +129,7 @@ def main() -> None:
         print(f"content error: {exc}", file=sys.stderr)
         sys.exit(CONTENT_ERROR_EXIT)
     seconds = time.perf_counter() - started
-    if count != len(files) or total != expected:
+    if count != len(order) or total != expected:
         print(f"content error: {count} files / {total} bytes, expected {expected}", file=sys.stderr)
         sys.exit(CONTENT_ERROR_EXIT)
     print(json.dumps({"seconds": seconds, "first_batch_s": first, "files": count, "bytes": total}))
