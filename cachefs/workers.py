@@ -127,7 +127,7 @@ class WorkerDirectory:
         now = self._clock()
         for worker_id, until in list(self._suspect_until.items()):
             if until <= now:  # suspicion over: the common case costs nothing again
-                del self._suspect_until[worker_id]
+                self._suspect_until.pop(worker_id, None)  # readers in other threads too
         healthy = [w for w in order if w not in self._suspect_until]
         return healthy + [w for w in order if w in self._suspect_until]
 
