@@ -247,6 +247,10 @@ class Client:
         io_ = self._io
         return io_.call(functools.partial(io_.master.call, method, **args))
 
+    def datasets(self) -> list[str]:
+        """The names of the cluster's datasets, sorted."""
+        return [info["name"] for info in self._master("dataset_list")]
+
     def stat(self, dataset: str, path: str = "") -> Stat:
         return _stat(clean_path(path), self._attr(dataset, path))
 
