@@ -49,6 +49,7 @@ from cachefs.workers import WorkerDirectory
 
 ATTR_CACHE_MAX = 1 << 18  # paths whose attributes a client keeps
 PREFETCH_WINDOW = 64  # files an order hint keeps in flight ahead of the readers
+HINT_BYTES = 256 << 10  # path text per hint: a call's arguments are capped at 1 MiB
 
 
 class Stat(NamedTuple):
@@ -227,6 +228,10 @@ class Client:
 
     # --- metadata -------------------------------------------------------------------------
 
+    def attr(self, dataset: str, path: str) -> Attr:
+        """The snapshot's attributes of a path (what `read_attr` takes)."""
+        return self._attr(dataset, path)
+
     def _attr(self, dataset: str, path: str) -> Attr:
         rel = clean_path(path)
         now = _now()
@@ -335,6 +340,11 @@ class Client:
         fetch ahead of the readers, in that order, at most `window` files in flight. Returns
         the load job's id."""
         files = [clean_path(p) for p in order]
+        if sum(len(f) + 1 for f in files) > HINT_BYTES:
+            raise ValueError(
+                f"an order of {len(files)} paths is too long for one hint (at most "
+                f"{HINT_BYTES >> 10} KiB of paths): send it in parts, as EpochPrefetchSampler does"
+            )
         job = self._master("load_start", dataset=dataset, files=files, window=window)
         return int(job["id"])
 

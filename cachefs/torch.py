@@ -37,11 +37,10 @@ from typing import Any
 
 from torch.utils.data import Dataset, Sampler
 
-from cachefs.client import PREFETCH_WINDOW, Client, clean_path
+from cachefs.client import HINT_BYTES, PREFETCH_WINDOW, Client, clean_path
 from cachefs.config import format_address, master_address
 from cachefs.meta import Attr
 
-HINT_BYTES = 256 << 10  # path text per prefetch job: the master takes 1 MiB of arguments a call
 STAT_THREADS = 16  # concurrent lookups for a list of paths
 
 
@@ -106,11 +105,11 @@ class CachefsDataset(Dataset):
                     stack.append(entry.path)
                 elif _glob_match(entry.path.split("/"), pattern):
                     # scandir just remembered it: no call to the master
-                    out.append((entry.path, self.client._attr(self.name, entry.path)))
+                    out.append((entry.path, self.client.attr(self.name, entry.path)))
         return out
 
     def _file_attr(self, path: str) -> Attr:
-        attr = self.client._attr(self.name, path)  # FileNotFoundError if there is none
+        attr = self.client.attr(self.name, path)  # FileNotFoundError if there is none
         if attr.is_dir:
             raise IsADirectoryError(f"{self.name}/{path} is a directory")
         return attr
@@ -170,13 +169,15 @@ class EpochPrefetchSampler(Sampler[int]):
     def __iter__(self) -> Iterator:
         order = list(self.sampler)
         flat = [i for b in order for i in b] if order and isinstance(order[0], list) else order
-        chunks, size, start = [], 0, 0
-        paths = self.dataset.epoch_paths(flat)
-        for n, path in enumerate(paths):
-            size += len(path) + 2
-            if size > HINT_BYTES or n == len(paths) - 1:
-                chunks.append(paths[start : n + 1])
-                size, start = 0, n + 1
+        chunks, current, size = [], [], 0
+        for path in self.dataset.epoch_paths(flat):  # jobs of at most HINT_BYTES of paths
+            if current and size + len(path) + 1 > HINT_BYTES:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(path)
+            size += len(path) + 1
+        if current:
+            chunks.append(current)
         for chunk in chunks[:2]:
             self._hint(chunk)
         return self._yield(order, [len(c) for c in chunks], chunks, len(flat) != len(order))

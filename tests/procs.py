@@ -6,6 +6,7 @@ for that line instead of sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 READY_TIMEOUT = 60.0
@@ -130,3 +132,27 @@ def stop_services(*services: ServiceProcess | None) -> None:
     for service in services:
         if service is not None:
             service.stop()
+
+
+@contextlib.contextmanager
+def running_cluster(
+    tmp_path: Path, workers: int = 2, mem: str = "128M"
+) -> Iterator[tuple[ServiceProcess, list[ServiceProcess]]]:
+    """A master and `workers` workers (w1, w2, ...) started; (master, workers); all stopped at
+    the end, workers first."""
+    master = master_process(tmp_path)
+    master.start()
+    names = [f"w{i}" for i in range(1, workers + 1)]
+    started = [worker_process(tmp_path, master.address, name, mem) for name in names]
+    try:
+        for worker in started:
+            worker.start()
+        yield master, started
+    finally:
+        stop_services(*started, master)
+
+
+def add_dataset(master: ServiceProcess, name: str, source: Path) -> None:
+    """`cachefs dataset add NAME file://SOURCE` on `master`; fails the test if it fails."""
+    result = run_cli("dataset", "add", name, source.as_uri(), "--master", master.address)
+    assert result.returncode == 0, result.stderr

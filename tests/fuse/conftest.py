@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import master_process, run_cli, worker_process
+from tests.procs import run_cli, running_cluster
 
 SHM = Path("/dev/shm")
 
@@ -122,14 +122,5 @@ def read_all(root: Path, rels, threads: int = 8) -> dict[str, str]:
 @pytest.fixture
 def cluster(tmp_path):
     """A master and two workers as processes; yields (master, workers)."""
-    master = master_process(tmp_path)
-    master.start()
-    workers = [worker_process(tmp_path, master.address, f"w{i}", "128M") for i in (1, 2)]
-    try:
-        for w in workers:
-            w.start()
+    with running_cluster(tmp_path, mem="128M") as (master, workers):
         yield master, workers
-    finally:
-        for w in workers:
-            w.stop()
-        master.stop()

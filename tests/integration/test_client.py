@@ -14,7 +14,7 @@ import pytest
 from cachefs.client import Client
 from cachefs.meta import BLOCK_SIZE
 from tests.fuse.conftest import make_files
-from tests.procs import master_process, run_cli, worker_process
+from tests.procs import add_dataset, running_cluster
 
 NAME = "frames"
 
@@ -31,19 +31,9 @@ def cluster(tmp_path_factory):
     digests = make_files(src, 120, max_size=20_000, seed=8)
     big = os.urandom(2 * BLOCK_SIZE + BLOCK_SIZE // 2)
     (src / "big.bin").write_bytes(big)
-    master = master_process(tmp)
-    master.start()
-    workers = [worker_process(tmp, master.address, f"w{i}", "128M") for i in (1, 2)]
-    try:
-        for w in workers:
-            w.start()
-        result = run_cli("dataset", "add", NAME, f"file://{src}", "--master", master.address)
-        assert result.returncode == 0, result.stderr
+    with running_cluster(tmp) as (master, workers):
+        add_dataset(master, NAME, src)
         yield master, workers, src, digests, big
-    finally:
-        for w in workers:
-            w.stop()
-        master.stop()
 
 
 @pytest.fixture
