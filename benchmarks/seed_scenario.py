@@ -181,7 +181,8 @@ class Scenario:
         self.loads[hosts] = {"seconds": seconds, "files_s": len(self.manifest) / seconds,
                              "store_bytes": self.store.bytes_sent() - sent}  # fmt: skip
         print(f"load x{hosts}: {seconds:.1f} s", flush=True)
-        return [str(c.mount(h, NAME)) for h in HOSTS[:hosts]]
+        # One serving process per mount: the hosts share this machine's 2 cores.
+        return [str(c.mount(h, NAME, "--procs", "1")) for h in HOSTS[:hosts]]
 
     def scaling(self, net: Network) -> None:
         direct_config = {**CLIENT_DEFAULTS, **BY_HOSTNAME}
@@ -296,10 +297,10 @@ def main() -> None:
     p.add_argument("--median-bytes", type=int, default=24_000, help="median frame size")
     p.add_argument("--data", type=Path, default=Path("/var/tmp/cachefs-seed"))
     p.add_argument("--latency-ms", type=float, default=10.0)
-    p.add_argument("--datanode-mbps", type=float, default=3.0, help="MB/s per DataNode")
+    p.add_argument("--datanode-mbps", type=float, default=2.0, help="MB/s per DataNode")
     p.add_argument("--threads", type=int, default=8, help="reader threads per host")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--compute-ms", type=float, default=32.0, help="accelerator time per batch")
+    p.add_argument("--compute-ms", type=float, default=64.0, help="accelerator time per batch")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--job-runs", type=int, default=2, help="runs per fault kind and system")
     p.add_argument("--pause-s", type=float, default=0.0,
