@@ -165,13 +165,15 @@ async def run_embedded(
     opts: MountOptions,
     *,
     resync: bool = False,
+    keep_cache: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Master + worker + FUSE client in this process; reports the master's address.
 
     The master and worker also serve RPC on loopback (for `cachefs load`, `status`, other
     clients), authenticated with `opts.secret` like any cluster; this process's own client
-    calls them directly.
+    calls them directly. Its tiers are removed when it ends (RAM given back), unless
+    `keep_cache`; then a failed start still removes the tiers it created.
     """
     from cachefs.master.service import run_master
     from cachefs.worker.service import run_worker
@@ -179,16 +181,17 @@ async def run_embedded(
     parse_uri(uri, options)
     check_mountpoint(mountpoint)
     local: dict = {}  # the services themselves, so the client calls them without sockets
-    async with trio.open_nursery() as nursery:
-        master = await nursery.start(
-            functools.partial(
-                run_master, ("127.0.0.1", 0), state / "master", local=local,
-                secret=opts.secret, publish_secret=True,
-            )
-        )  # fmt: skip
-        await ensure_embedded_dataset(LocalClient(local["master"]), uri, options, resync)
-        store = store_factory(state / "worker")
-        try:
+    store = store_factory(state / "worker")  # first: a refused --mem fails before any listing
+    started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            master = await nursery.start(
+                functools.partial(
+                    run_master, ("127.0.0.1", 0), state / "master", local=local,
+                    secret=opts.secret, publish_secret=True,
+                )
+            )  # fmt: skip
+            await ensure_embedded_dataset(LocalClient(local["master"]), uri, options, resync)
             await nursery.start(
                 functools.partial(
                     run_worker, master, ("127.0.0.1", 0), store, local=local, secret=opts.secret
@@ -198,11 +201,12 @@ async def run_embedded(
                 functools.partial(_serve_then_stop, local=local),
                 nursery, EMBEDDED_DATASET, master, mountpoint, opts,
             )  # fmt: skip
+            started = True
             task_status.started({"master": format_address(master), "secret_file": opts.secret_file})
             await trio.sleep_forever()
-        finally:
-            nursery.cancel_scope.cancel()
-            store.close()
+    finally:  # the services are done with the store: its tiers go (or stay) now
+        failed_start = () if started else store.created  # what a failed start created goes
+        store.close(remove=failed_start if keep_cache else store.tiers)
 
 
 async def _serve_then_stop(

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cachefs.locality import make_token
 from cachefs.meta import BLOCK_SIZE, checksum
+from cachefs.worker import ramtier
 from cachefs.worker.eviction import Watermarks
 from cachefs.worker.index import CacheIndex, Location, geometry_key, slot_of
 from cachefs.worker.slab import Slot
@@ -55,19 +57,22 @@ class BlockStore:
         disk_dir: Path | None = None,
         disk_capacity: int = 0,
         shm_dir: Path = Path("/dev/shm"),
+        shm_share: float = ramtier.DEFAULT_SHARE,
         high: float = 0.95,
         low: float = 0.85,
     ):
+        if not mem_capacity and not (disk_dir is not None and disk_capacity):
+            raise ValueError("a worker needs a MEM or a DISK tier")
         self.index = CacheIndex(state_dir)
         self.worker_id = self._worker_id()
         self.tiers: dict[str, Tier] = {}
-        if mem_capacity:
-            path = shm_dir / f"cachefs-{self.worker_id}" / "mem.slab"
-            self.tiers["mem"] = Tier("mem", path, mem_capacity)
-        if disk_dir is not None and disk_capacity:
-            self.tiers["disk"] = Tier("disk", disk_dir / "disk.slab", disk_capacity)
-        if not self.tiers:
-            raise ValueError("a worker needs a MEM or a DISK tier")
+        self.created: set[str] = set()  # tiers this start made (a failed start removes them)
+        self._ram_lock: ramtier.TierLock | None = None
+        try:
+            self._open_tiers(mem_capacity, shm_dir, shm_share, disk_dir, disk_capacity)
+        except BaseException:
+            self.close(remove=self.created)
+            raise
         self._order = [name for name in ("mem", "disk") if name in self.tiers]
         self._watermarks = {
             name: Watermarks(tier.capacity, high=high, low=low) for name, tier in self.tiers.items()
@@ -78,6 +83,25 @@ class BlockStore:
         self._load_index()
 
     # ---- start-up ------------------------------------------------------------------------
+
+    def _open_tiers(self, mem_capacity, shm_dir, shm_share, disk_dir, disk_capacity) -> None:
+        """The RAM tier (its share of /dev/shm checked, its lock taken: worker/ramtier.py),
+        then the DISK tier; `created` names those this start made rather than reused."""
+        ram = ramtier.tier_dir(shm_dir, self.worker_id) if mem_capacity else None
+        ramtier.release_stale(self.index.get_meta("ram_tier"), ram)
+        if ram is not None:
+            ramtier.check_share(shm_dir, mem_capacity, shm_share, ram)
+            self._ram_lock = ramtier.lock_tier(ram)
+            self._add_tier("mem", ram / ramtier.SLAB, mem_capacity)
+        self.index.set_meta("ram_tier", str(ram) if ram else None)
+        if disk_dir is not None and disk_capacity:
+            self._add_tier("disk", disk_dir / "disk.slab", disk_capacity)
+
+    def _add_tier(self, name: str, path: Path, capacity: int) -> None:
+        self.created.add(name)  # until it proves to be a tier of a previous run
+        self.tiers[name] = Tier(name, path, capacity)
+        if self.tiers[name].reused:
+            self.created.discard(name)
 
     def _worker_id(self) -> str:
         worker_id = self.index.get_meta("worker_id")
@@ -122,10 +146,22 @@ class BlockStore:
         tiers = {name: str(tier.path.resolve()) for name, tier in self.tiers.items()}
         return make_token(str(self.index.path.resolve()), tiers)
 
-    def close(self) -> None:
+    def close(self, remove: Iterable[str] = ()) -> None:
+        """Closes the index and the tiers; the tiers named in `remove` are deleted (a RAM
+        tier's whole directory), the others stay for the next start to reuse."""
+        remove = set(remove)
         self.index.close()
-        for tier in self.tiers.values():
+        for name, tier in self.tiers.items():
             tier.close()
+            if name in remove and name != "mem":
+                tier.path.unlink(missing_ok=True)
+        if self._ram_lock is not None:
+            if "mem" in remove:
+                freed = self._ram_lock.remove()
+                log.info("RAM tier %s removed (%s)", self._ram_lock.path, ramtier.human(freed))
+            else:
+                self._ram_lock.release()
+            self._ram_lock = None
 
     # ---- reads ---------------------------------------------------------------------------
 

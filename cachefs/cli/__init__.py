@@ -4,7 +4,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 usage error (click's own, or InvalidArgum
 failure is one line on stderr: `cachefs: error: ...`.
 """
 
-from cachefs.cli import datasets, jobs, mount, servers, status  # noqa: F401 - they register
+from cachefs.cli import datasets, gc, jobs, mount, servers, status  # noqa: F401 - they register
 from cachefs.cli.app import main
 
 __all__ = ["main"]

@@ -144,3 +144,18 @@ async def serve_until_signal(service, kind: str) -> None:
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
+
+
+def shm_options(command):
+    """--shm and --shm-share: where RAM tiers live and how much of it they may take."""
+    from cachefs.worker.ramtier import DEFAULT_SHARE
+
+    command = click.option(
+        "--shm-share", type=click.FloatRange(0, 100, min_open=True), default=DEFAULT_SHARE,
+        show_default=True,
+        help="percent of the --shm filesystem all cachefs RAM tiers there may take together",
+    )(command)  # fmt: skip
+    return click.option(
+        "--shm", default="/dev/shm", show_default=True, type=click.Path(file_okay=False),
+        help="directory of the RAM tier (a tmpfs)",
+    )(command)  # fmt: skip

@@ -17,6 +17,7 @@ from cachefs.cli.common import (
     metrics_option,
     parse_options,
     secret_option,
+    shm_options,
 )
 from cachefs.config import master_address, parse_size
 from cachefs.credentials import client_secret, server_secret
@@ -31,6 +32,10 @@ from cachefs.credentials import client_secret, server_secret
 @click.option("--mem", default="512M", show_default=True, help="embedded worker RAM tier")
 @click.option("--disk", type=click.Path(file_okay=False), help="embedded worker DISK tier dir")
 @click.option("--disk-size", default="0", help="embedded worker DISK tier size")
+@click.option("--keep-cache", is_flag=True,
+              help="embedded: keep the tiers after umount for the next mount (default: the "
+                   "RAM tier and the DISK tier file are removed)")  # fmt: skip
+@shm_options
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE", help="URI option")
 @click.option("--attr-timeout", default=3600.0, show_default=True, help="kernel attr/entry cache s")
 @click.option("--op-timeout", default=60.0, show_default=True, help="deadline of each FUSE op, s")
@@ -65,6 +70,9 @@ def mount(
     allow_other,
     prefetch,
     resync,
+    keep_cache,
+    shm,
+    shm_share,
     secret_file,
     metrics,
 ):
@@ -120,11 +128,13 @@ def mount(
                 mem_capacity=parse_size(mem),
                 disk_dir=Path(disk) if disk else None,
                 disk_capacity=parse_size(disk_size),
+                shm_dir=Path(shm),
+                shm_share=shm_share,
             )
 
         serve = functools.partial(
             mounting.run_embedded, source, uri_options, mountpoint_path, state_dir,
-            store_factory, opts, resync=resync,
+            store_factory, opts, resync=resync, keep_cache=keep_cache,
         )  # fmt: skip
     else:
         serve = functools.partial(

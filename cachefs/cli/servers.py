@@ -20,6 +20,7 @@ from cachefs.cli.common import (
     metrics_option,
     secret_option,
     serve_until_signal,
+    shm_options,
 )
 from cachefs.config import format_address, master_address, parse_address, parse_size
 from cachefs.credentials import client_secret, server_secret
@@ -104,7 +105,7 @@ def master_backup(name, master, secret_file) -> None:
 @click.option("--disk", type=click.Path(file_okay=False), help="directory for the DISK tier")
 @click.option("--disk-size", default="0", help="DISK tier size, e.g. 100G")
 @click.option("--host-id", help="node name for locality (default: hostname)")
-@click.option("--shm", default="/dev/shm", show_default=True, type=click.Path(file_okay=False))
+@shm_options
 @click.option("--insecure", is_flag=True, help="serve without a secret (the master's --insecure)")
 @click.option("--fills", type=click.IntRange(min=1), default=None,
               help="remote reads at once; the store's best parallel GET count per worker "
@@ -113,8 +114,8 @@ def master_backup(name, master, secret_file) -> None:
 @metrics_option
 @errors_to_exit
 def worker(
-    master, listen, advertise, state, mem, disk, disk_size, host_id, shm, insecure, fills,
-    secret_file, metrics,
+    master, listen, advertise, state, mem, disk, disk_size, host_id, shm, shm_share, insecure,
+    fills, secret_file, metrics,
 ):  # fmt: skip
     """Run a cache worker (foreground).
 
@@ -141,8 +142,18 @@ def worker(
         disk_dir=Path(disk) if disk else None,
         disk_capacity=parse_size(disk_size),
         shm_dir=Path(shm),
+        shm_share=shm_share,
     )
-    service = functools.partial(
+    started = False
+
+    async def service(task_status=trio.TASK_STATUS_IGNORED):
+        nonlocal started
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(worker_service)
+            started = True
+            task_status.started(bound)
+
+    worker_service = functools.partial(
         run_worker,
         master_address(master),
         parse_address(listen),
@@ -155,8 +166,8 @@ def worker(
     )
     try:
         trio.run(serve_until_signal, service, "worker")
-    finally:
-        store.close()
+    finally:  # a stopped worker keeps its tiers for its restart; a failed start removes its own
+        store.close(remove=() if started else store.created)
 
 
 @main.command("console-url")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cachefs.worker.ramtier import reclaim
 from tests.procs import run_cli, running_cluster
 
 SHM = Path("/dev/shm")
@@ -25,10 +26,12 @@ class Mounts:
         self.tmp_path = tmp_path
         self.mountpoints: list[Path] = []
         self.shm_dirs: set[Path] = set()
+        self.keep_cache = False  # a mount asked to keep its tiers: leftovers are no leak
 
     def mount(self, source: str, *args: str, name: str = "mnt", check: bool = True):
         mountpoint = self.tmp_path / name
         mountpoint.mkdir(exist_ok=True)
+        self.keep_cache |= "--keep-cache" in args
         result = run_cli("mount", source, str(mountpoint), *args, timeout=300)
         if check:
             assert result.returncode == 0, result.stderr
@@ -42,9 +45,10 @@ class Mounts:
 
     @contextlib.contextmanager
     def tracking_tiers(self) -> Iterator[None]:
-        """RAM tiers made inside the block are removed at cleanup: a worker's RAM tier outlives
-        its process on purpose (a restart keeps the cache), a test's must not outlive the test,
-        or a run fills /dev/shm."""
+        """RAM tiers made inside the block are checked at cleanup, once every mount is gone: an
+        embedded mount removes its own at umount (unless --keep-cache), so one left behind
+        that no live process owns fails the test (a leak), and is removed either way, or a
+        run fills /dev/shm."""
         before = set(SHM.glob("cachefs-*"))
         try:
             yield
@@ -58,8 +62,14 @@ class Mounts:
                 if os.path.ismount(mountpoint):  # last resort, so later tests are not affected
                     subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
                     raise AssertionError(f"umount failed: {result.stderr}")
-        for path in self.shm_dirs:
-            shutil.rmtree(path, ignore_errors=True)
+        leaked = []
+        for path in sorted(self.shm_dirs):
+            orphan = reclaim(path, dry_run=True)  # None: gone; (False, _): a live owner's
+            if orphan is not None and orphan[0]:
+                leaked.append(path.name)
+                shutil.rmtree(path, ignore_errors=True)
+        if leaked and not self.keep_cache:
+            raise AssertionError(f"RAM tiers left in {SHM} after umount: {leaked}")
 
 
 @contextlib.contextmanager
