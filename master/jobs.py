@@ -7,6 +7,10 @@ fetch with their own bounded parallelism and retries. Progress lives in lmdb and
 done + failed ends equal to the total. Files already cached count as done at no remote cost,
 so re-running a load fetches only what is missing.
 
+After the fills a job asks each file's owner what it still holds (`holdings`, the check behind
+`cachefs load --check` too) and records it in `kept` beside the cluster's capacity: a dataset
+larger than the cache is fetched in full and still mostly not kept, and the job says so.
+
 Periodic jobs (`every` seconds or a `cron` expression) first sync the dataset's metadata, then
 load; their schedule is persisted and resumed after a master restart.
 """
@@ -24,6 +28,7 @@ from croniter import croniter
 
 from cachefs import metrics
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
+from cachefs.meta import cache_key
 from cachefs.workers import WorkerDirectory
 
 if TYPE_CHECKING:
@@ -35,6 +40,7 @@ BATCH_FILES = 256
 BATCHES_IN_FLIGHT_PER_WORKER = 4
 ORDERED_BATCH_FILES = 32  # an ordered load's batches: small, so the order holds
 MAX_FAILURES_KEPT = 100
+CHECK_BATCH_FILES = 5000  # files per `cached_many` call of a holdings check
 LOAD_RETRY_PAUSES = (1.0, 5.0)  # seconds before each new try of a batch's failed files
 PROGRESS_SAVE_SECONDS = 0.5
 COUNTERS = ("files", "bytes", "done_files", "done_bytes", "cached_files", "cached_bytes",
@@ -113,6 +119,7 @@ class LoadJobs:
             "progress": dict.fromkeys(COUNTERS, 0),
             "failures": [],
             "sync": None,
+            "kept": None,  # after a load: what the owners still hold (LoadJobs.holdings)
             "error": None,
         }
         job = self.store.put_job(job)
@@ -160,6 +167,7 @@ class LoadJobs:
         job.update(state="running", started=time.time(), runs=job["runs"] + 1, error=None)
         job["progress"] = dict.fromkeys(COUNTERS, 0)
         job["failures"] = []
+        job["kept"] = None
         self.store.put_job(job)
         try:
             if job["schedule"] or job["metadata_only"]:
@@ -194,9 +202,67 @@ class LoadJobs:
                 out.append((path, [path, file_attr.size, file_attr.mtime_ns, file_attr.etag]))
         return out
 
-    async def _load(self, job: dict) -> None:
-        from cachefs.meta import cache_key
+    async def holdings(
+        self, dataset: str, plan: list, replicas: int = 1, *, whole: bool = True,
+        usage: bool = False,
+    ) -> dict:  # fmt: skip
+        """What the owners hold now of the planned files, against what the cluster can hold.
 
+        The one check behind `cachefs load --check`, `status` and the end of every load. Each
+        file counts once, on its owner (where readers look): `cached_files` are whole files
+        there, `cached_bytes` their bytes (parts of big files included). `capacity_bytes` is
+        the sum of the live workers' tiers (a worker's tiers are exclusive), `need_bytes` the
+        planned bytes times `replicas` (the copies a load keeps); `over` names the worker whose
+        share of them exceeds its own capacity the most (None: every share fits). `whole`:
+        the plan is the whole dataset. `usage`: when not every file is held, also count the bytes
+        the live workers hold now, of every dataset (`used_bytes`; one stats call per worker).
+        """
+        await self.workers.update()
+        live = {w.worker_id: w for w in self.service.registry.live()}
+        capacity = {wid: sum(w.capacity.values()) for wid, w in live.items()}
+        by_owner: dict[str, list] = defaultdict(list)
+        need: dict[str, int] = defaultdict(int)
+        for path, spec in plan:
+            ranked = self.workers.ranked(cache_key(dataset, path, spec[1], spec[2], spec[3]))
+            if ranked:
+                by_owner[ranked[0]].append(spec)
+            for worker_id in ranked[:replicas]:
+                need[worker_id] += spec[1]
+        result = {
+            "files": len(plan), "bytes": sum(spec[1] for _, spec in plan),
+            "cached_files": 0, "cached_bytes": 0,
+            "whole": whole, "replicas": replicas, "need_bytes": sum(need.values()),
+            "workers": len(capacity), "capacity_bytes": sum(capacity.values()),
+            "over": None, "used_bytes": None,
+        }  # fmt: skip
+        over = [(n - capacity[w], w) for w, n in need.items() if w in capacity and n > capacity[w]]
+        if over:
+            wid = max(over)[1]
+            result["over"] = {"worker": wid, "host": live[wid].host_id, "bytes": need[wid],
+                              "capacity": capacity[wid]}  # fmt: skip
+        for owner, specs in by_owner.items():
+            try:
+                client = await self.workers.client(owner)
+                for i in range(0, len(specs), CHECK_BATCH_FILES):
+                    chunk = specs[i : i + CHECK_BATCH_FILES]
+                    cached = await client.call(
+                        "cached_many", dataset=dataset, files=chunk, timeout=5.0
+                    )
+                    for spec, n in zip(chunk, cached, strict=True):
+                        result["cached_bytes"] += n
+                        result["cached_files"] += n == spec[1]
+            except (CacheFsError, KeyError):  # a dead or departed owner holds nothing for readers
+                self.workers.suspect(owner)
+        if usage and result["cached_files"] < result["files"]:  # worth explaining
+            stats = await self.service.worker_stats()
+            result["used_bytes"] = sum(
+                held.get("bytes", 0)
+                for s in stats.values()
+                for held in s.get("datasets", {}).values()
+            )
+        return result
+
+    async def _load(self, job: dict) -> None:
         files = self.plan(job)
         await self.workers.update()
         if not self.workers.workers:
@@ -218,6 +284,11 @@ class LoadJobs:
                 for worker_id, specs in _by_worker(placed).items():
                     nursery.start_soon(self._feed_worker, job, worker_id, specs, saver)
         saver.save(force=True)
+        # The fills are done: what stayed? (A cache smaller than the files evicts the first
+        # ones while it fetches the last; the job must not claim them.)
+        job["kept"] = await self.holdings(
+            job["dataset"], files, job["replicas"], whole=whole_dataset(job), usage=True
+        )
 
     async def _load_in_order(self, job, placed, saver) -> None:
         """An order hint (`cachefs prefetch --order`): small batches in the readers' order, at
@@ -255,9 +326,7 @@ class LoadJobs:
         pending = list(range(len(chunk)))
         for pause in (*LOAD_RETRY_PAUSES, None):
             async with limiter:
-                got = await self._prefetch(
-                    job["dataset"], worker_id, [chunk[i] for i in pending]
-                )
+                got = await self._prefetch(job["dataset"], worker_id, [chunk[i] for i in pending])
             for i, outcome in zip(pending, got, strict=True):
                 outcomes[i] = outcome
             # A file fails the job only after these rounds: a flaky store or a worker that
@@ -293,6 +362,11 @@ class LoadJobs:
             message = getattr(exc, "message", f"worker {worker_id} left")
             self.workers.suspect(worker_id)
             return [f"worker {worker_id} unavailable: {message}"] * len(chunk)
+
+
+def whole_dataset(job: dict) -> bool:
+    """True if the job covers the whole dataset (no file list, no paths but the root)."""
+    return not job.get("files") and all(p.strip("/") == "" for p in job["paths"])
 
 
 def _by_worker(placed) -> dict[str, list[list]]:

@@ -14,12 +14,12 @@ import trio
 from cachefs import __version__
 from cachefs.config import format_address
 from cachefs.credentials import load_or_create, publish, redact, unpublish
-from cachefs.errors import CacheFsError, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from cachefs.errors import CacheFsError, InvalidArgument, NotFound, PermissionDenied
 from cachefs.master.console import Console
-from cachefs.master.jobs import LoadJobs, check_schedule
+from cachefs.master.jobs import LoadJobs, check_schedule, whole_dataset
 from cachefs.master.namespace import MetadataStore
 from cachefs.master.registry import WorkerRegistry
-from cachefs.meta import Attr, cache_key
+from cachefs.meta import Attr
 from cachefs.rpc import RpcServer
 from cachefs.runtime import private_dir
 from cachefs.tls import TlsConfig
@@ -340,32 +340,19 @@ class MasterService:
         return self.jobs.cancel(job_id)
 
     async def rpc_load_check(
-        self, dataset: str, paths: list | None = None, files: list | None = None
-    ) -> dict:
-        """Cached share of the paths (on each file's owner), without loading anything."""
-        plan = self.jobs.plan({"dataset": dataset, "paths": paths or [""], "files": files})
-        await self.workers.update()
-        by_owner: dict[str, list] = {}
-        for path, spec in plan:
-            ranked = self.workers.ranked(cache_key(dataset, path, spec[1], spec[2], spec[3]))
-            if ranked:
-                by_owner.setdefault(ranked[0], []).append(spec)
-        result = {"files": len(plan), "bytes": sum(spec[1] for _, spec in plan),
-                  "cached_files": 0, "cached_bytes": 0}  # fmt: skip
-        for owner, specs in by_owner.items():
-            try:
-                client = await self.workers.client(owner)
-                for i in range(0, len(specs), 5000):
-                    chunk = specs[i : i + 5000]
-                    cached = await client.call(
-                        "cached_many", dataset=dataset, files=chunk, timeout=5.0
-                    )
-                    for spec, n in zip(chunk, cached, strict=True):
-                        result["cached_bytes"] += n
-                        result["cached_files"] += n == spec[1]
-            except (Unavailable, KeyError):  # a dead or departed owner caches nothing for readers
-                self.workers.suspect(owner)
-        return result
+        self, dataset: str, paths: list | None = None, files: list | None = None,
+        replicas: int = 1,
+    ) -> dict:  # fmt: skip
+        """Cached share of the paths (on each file's owner) and the cluster's capacity for them
+        (`LoadJobs.holdings`, as at the end of a load), without loading anything."""
+        if type(replicas) is not int or replicas < 1:
+            raise InvalidArgument("--replicas must be at least 1")
+        if not all(isinstance(p, str) for p in paths or []):
+            raise InvalidArgument("load_check: paths are strings")
+        job = {"dataset": dataset, "paths": [p.strip("/") for p in paths or []] or [""],
+               "files": files}  # fmt: skip
+        plan = self.jobs.plan(job)
+        return await self.jobs.holdings(dataset, plan, replicas, whole=whole_dataset(job))
 
     async def expire_workers(self) -> None:
         """Runs for the master's lifetime: drops workers whose heartbeats stopped."""

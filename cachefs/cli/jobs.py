@@ -1,4 +1,10 @@
-"""`cachefs load` and `cachefs job ls|cancel`."""
+"""`cachefs load` and `cachefs job ls|cancel`.
+
+Exit status of a load that is followed to its end: 0 when every file was loaded and stayed
+cached on its owner; 1 when files failed or the job failed; EXIT_NOT_KEPT (3) when every file
+was fetched but not all stayed cached (the cache is too small for them, or other data evicted
+them): a warning a script can tell from a failure.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ from cachefs.cli.common import (
 from cachefs.errors import InvalidArgument
 from cachefs.rpc import RpcClient
 
+EXIT_NOT_KEPT = 3
+ADVICE = "raise --mem/--disk or add workers"
+
 
 def parse_duration(text: str | None) -> float | None:
     """'30s', '5m', '2h', '1d' or plain seconds -> seconds."""
@@ -33,6 +42,54 @@ def parse_duration(text: str | None) -> float | None:
         raise InvalidArgument(f"invalid duration {text!r} (examples: 90s, 15m, 2h, 1d)") from None
 
 
+def _percent(part: int, whole: int) -> str:
+    """A share to one decimal that reads 100.0% only when it is all."""
+    if not whole:
+        return "100.0%"
+    share = 100 * part / whole
+    return f"{min(share, 99.9) if part < whole else share:.1f}%"
+
+
+def held_text(held: dict, verb: str = "cached", failed: int = 0) -> str:
+    """`n/N files <verb> (p%), X of Y (p%)` from a holdings check (`load --check`, and the
+    `kept` of a finished load), and why not all, when the cache is the reason."""
+    text = (
+        f"{held['cached_files']}/{held['files']} files {verb} "
+        f"({_percent(held['cached_files'], held['files'])}), "
+        f"{human_bytes(held['cached_bytes'])} of {human_bytes(held['bytes'])} "
+        f"({_percent(held['cached_bytes'], held['bytes'])})"
+    )
+    why = shortfall(held, failed)
+    return f"{text}: {why}" if why else text
+
+
+def shortfall(held: dict, failed: int = 0) -> str | None:
+    """Why the cache holds fewer than all the files, in one clause; None if it holds them all
+    or if nothing says the cache is to blame (e.g. a check before any load)."""
+    if held["cached_files"] >= held["files"] or "capacity_bytes" not in held:
+        return None
+    n = held["workers"]
+    cache = f"{human_bytes(held['capacity_bytes'])} over {n} worker{'' if n == 1 else 's'}"
+    if held["need_bytes"] > held["capacity_bytes"]:
+        subject, verb = ("the dataset", "is") if held["whole"] else ("the files asked for", "are")
+        if held["replicas"] > 1:
+            subject += f" ({held['replicas']} copies, {human_bytes(held['need_bytes'])})"
+        return f"{subject} {verb} larger than the cache ({cache}); {ADVICE}"
+    over = held.get("over")
+    if over:
+        return (
+            f"worker {over['worker']}'s share (host {over['host']}, "
+            f"{human_bytes(over['bytes'])}) is larger than its cache "
+            f"({human_bytes(over['capacity'])}); {ADVICE}"
+        )
+    if held.get("used_bytes") is not None and not failed:  # after a load that fetched all
+        return (
+            f"the rest was evicted (the cache: {cache}, "
+            f"{human_bytes(held['used_bytes'])} of it in use); {ADVICE}"
+        )
+    return None
+
+
 def job_line(job: dict) -> str:
     p = job["progress"]
     line = (
@@ -40,6 +97,8 @@ def job_line(job: dict) -> str:
         f"({human_bytes(p['done_bytes'])} of {human_bytes(p['bytes'])}), "
         f"{p['cached_files']} already cached, {p['failed_files']} failed"
     )
+    if job.get("kept"):
+        line += "; " + held_text(job["kept"], "stayed cached", p["failed_files"])
     if job.get("error"):
         line += f"; error: {job['error']}"
     return line
@@ -54,23 +113,23 @@ def job_line(job: dict) -> str:
 @click.option("--every", metavar="DURATION", help="repeat: sync, then load what changed")
 @click.option("--cron", metavar="EXPR", help='repeat on a cron schedule, e.g. "0 3 * * *"')
 @click.option("--no-wait", is_flag=True, help="print the job id and return")
-@click.option("--check", is_flag=True, help="only report the cached share of the paths")
+@click.option("--check", is_flag=True,
+              help="only report what is cached of the paths, and if they fit in the cache")
 @master_option
 @secret_option
 @errors_to_exit
 def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait, check, master,
          secret_file):  # fmt: skip
-    """Preload files of dataset NAME (all, or under PATHS) into the cache."""
+    """Preload files of dataset NAME (all, or under PATHS) into the cache.
+
+    Ends with what stayed cached; exit status 3 if every file was fetched but not all stayed
+    (e.g. the dataset is larger than the cache), 1 if files failed.
+    """
     files = [line.strip() for line in files_list if line.strip()] if files_list else None
     if check:
-        r = call_master(master, secret_file, "load_check", dataset=name, paths=list(paths),
-                         files=files)  # fmt: skip
-        pct_files = 100 * r["cached_files"] / r["files"] if r["files"] else 100.0
-        pct_bytes = 100 * r["cached_bytes"] / r["bytes"] if r["bytes"] else 100.0
-        click.echo(
-            f"{name}: {r['cached_files']}/{r['files']} files cached ({pct_files:.1f}%), "
-            f"{human_bytes(r['cached_bytes'])} of {human_bytes(r['bytes'])} ({pct_bytes:.1f}%)"
-        )
+        held = call_master(master, secret_file, "load_check", dataset=name, paths=list(paths),
+                           files=files, replicas=replicas)  # fmt: skip
+        click.echo(f"{name}: {held_text(held)}")
         return
     job = call_master(
         master, secret_file, "load_start", dataset=name, paths=list(paths), files=files,
@@ -80,7 +139,8 @@ def load(name, paths, files_list, metadata_only, replicas, every, cron, no_wait,
 
 
 def _report(job: dict, no_wait: bool, master, secret_file) -> None:
-    """Prints a submitted job's id, or follows it to its end (exit status 1 if files failed)."""
+    """Prints a submitted job's id, or follows it to its end: exit status 1 if files failed,
+    EXIT_NOT_KEPT if all were fetched but not all stayed cached."""
     if no_wait or job["schedule"]:
         click.echo(f"job {job['id']} submitted" + (" (periodic)" if job["schedule"] else ""))
         return
@@ -90,6 +150,9 @@ def _report(job: dict, no_wait: bool, master, secret_file) -> None:
         for path, message in job["failures"][:10]:
             click.echo(f"  failed: {path}: {message}", err=True)
         sys.exit(1)
+    kept = job.get("kept")
+    if kept and kept["cached_files"] < kept["files"]:
+        sys.exit(EXIT_NOT_KEPT)
 
 
 @main.command()
