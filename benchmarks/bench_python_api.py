@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_cold import put_all, start_s3rver  # noqa: E402
+from benchmarks.bench_cold import BUCKET, PREFIX, put_all, start_s3rver  # noqa: E402
 from benchmarks.dataset import Shape, describe, ensure_dataset  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
     dataloader_epoch,
@@ -42,7 +42,6 @@ from benchmarks.results import replace_section, rerun_command  # noqa: E402
 from tests.procs import master_process, run_cli, worker_process  # noqa: E402
 from tests.store_proxy import StoreProxy  # noqa: E402
 
-BUCKET, PREFIX = "bench-api", "data"
 EPOCH = Path(__file__).with_name("torch_epoch.py")
 
 
@@ -77,6 +76,15 @@ def run(args, work: Path) -> str:
         assert done.returncode == 0, (argv, done.stderr)
 
     try:
+        # The store first: its credentials go into this process's environment, which the
+        # master and workers inherit (without any, the S3 client would look for a cloud's).
+        if args.store == "s3rver":
+            store_proc, endpoint = start_s3rver(work)
+            put_all(endpoint, data, manifest)
+        else:
+            store_proc, server = start_store(work / "moto.log")
+            endpoint = server.endpoint
+            upload(server, BUCKET, PREFIX, data, manifest, threads=16)
         master.start()
         for w in workers:
             w.args[w.args.index("--master") + 1] = master.address
@@ -96,13 +104,6 @@ def run(args, work: Path) -> str:
             print({k: v[-1] for k, v in warm.items()}, flush=True)
         run_cli("umount", str(mnt))
 
-        if args.store == "s3rver":
-            store_proc, endpoint = start_s3rver(work)
-            put_all(endpoint, data, manifest)
-        else:
-            store_proc, server = start_store(work / "moto.log")
-            endpoint = server.endpoint
-            upload(server, BUCKET, PREFIX, data, manifest, threads=16)
         proxy = StoreProxy(endpoint, subprocess=True, delay=args.latency_ms / 1000)
         options = [f"-o{k}={v}" for k, v in proxy.options.items()]
         cli("dataset", "add", "s3", f"s3://{BUCKET}/{PREFIX}", *options)
