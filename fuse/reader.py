@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from cachefs import metrics
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
 from cachefs.meta import BLOCK_SIZE, Attr, block_key, cache_key
 from cachefs.ufs import RemoteStore
@@ -51,7 +52,9 @@ class DataReader:
             data = await self._short_circuit(ranked, key, attr.size, offset, length)
             if data is not None:
                 return data
-        for worker_id in ranked:
+        for position, worker_id in enumerate(ranked):
+            if position:  # the previous worker failed
+                metrics.READ_FALLBACKS.add("next_worker")
             try:
                 client = await self.workers.client(worker_id)
                 header, data = await client.call_with_payload(
@@ -71,6 +74,7 @@ class DataReader:
                 # may still succeed, and the direct read reports the real remote error.
                 log.info("worker %s could not serve %s: %s", worker_id, path, exc.message)
         self.direct_reads += 1
+        metrics.READ_FALLBACKS.add("store")
         remote = await self._direct()
         return await remote.read_version(
             path, offset, length, attr.size, attr.mtime_ns, attr.etag

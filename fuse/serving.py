@@ -100,23 +100,31 @@ def helper_spec(dataset: str, master_address, opts: MountOptions, meta_path: Pat
 
 
 def helper_reports(meta_dir: Path) -> list[dict]:
-    """Every helper's last FUSE op counts (of helpers gone too, so the mount's totals never
-    go back); the mount's metrics add them to the first process's own."""
+    """Every helper's last counts, {"ops": FUSE ops, "fallbacks": read fallbacks} (of helpers
+    gone too, so the mount's totals never go back); the mount's metrics add them to the first
+    process's own."""
     reports = []
     for path in meta_dir.glob("ops-*.json"):
         try:
-            reports.append(json.loads(path.read_bytes()))
+            report = json.loads(path.read_bytes())
         except (OSError, ValueError):  # replaced meanwhile, or the mount is going away
             continue
+        if isinstance(report, dict):
+            reports.append(report)
     return reports
 
 
 async def _report_ops(meta_dir: Path) -> None:
-    """A helper's FUSE op counts, written for the first process every REPORT_EVERY seconds."""
+    """A helper's FUSE op and read fallback counts, written for the first process every
+    REPORT_EVERY seconds."""
     path = meta_dir / f"ops-{os.getpid()}.json"
 
     def report() -> None:
-        write_private(path, json.dumps(metrics.FUSE_OPS.snapshot()).encode())
+        counts = {
+            "ops": metrics.FUSE_OPS.snapshot(),
+            "fallbacks": metrics.READ_FALLBACKS.snapshot(),
+        }
+        write_private(path, json.dumps(counts).encode())
 
     try:
         while True:
@@ -129,13 +137,17 @@ async def _report_ops(meta_dir: Path) -> None:
 
 class ServingHelpers:
     """The first process's helper processes: started once FUSE_INIT is answered, replaced
-    when one dies; cancelling `run` stops them. The mount's metrics count their FUSE ops."""
+    when one dies; cancelling `run` stops them. The mount's metrics count their FUSE ops and
+    read fallbacks."""
 
     def __init__(self, spec: dict, count: int):
         self.spec = spec
         self.count = count
         meta_dir = Path(spec["meta"])
-        metrics.FUSE_OPS.reports = lambda: helper_reports(meta_dir)
+        metrics.FUSE_OPS.reports = lambda: [r.get("ops", {}) for r in helper_reports(meta_dir)]
+        metrics.READ_FALLBACKS.reports = lambda: [
+            r.get("fallbacks", {}) for r in helper_reports(meta_dir)
+        ]
 
     async def run(self, initialized: trio.Event) -> None:
         if not can_share_connection():

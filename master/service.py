@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from cachefs import __version__
+from cachefs import __version__, metrics
 from cachefs.config import format_address
 from cachefs.credentials import load_or_create, publish, redact, unpublish
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, PermissionDenied
@@ -354,6 +354,20 @@ class MasterService:
         plan = self.jobs.plan(job)
         return await self.jobs.holdings(dataset, plan, replicas, whole=whole_dataset(job))
 
+    def gauges(self) -> dict:
+        """Datasets, workers by state and jobs by state for the Prometheus gauges
+        (cachefs/metrics.py), read in the scrape thread: reads only."""
+        late = self.registry.now() - self.registry.liveness / 2  # 2 heartbeats missed
+        workers = {"live": 0, "late": 0}
+        for w in self.registry.live():
+            workers["late" if w.last_seen < late else "live"] += 1
+        jobs: dict[str, int] = {}
+        for job in self.store.jobs():
+            jobs[job["state"]] = jobs.get(job["state"], 0) + 1
+        datasets = {d["name"]: {"files": d["files"], "bytes": d["bytes"]}
+                    for d in self.store.datasets()}  # fmt: skip
+        return {"datasets": datasets, "workers": workers, "jobs": jobs}
+
     async def expire_workers(self) -> None:
         """Runs for the master's lifetime: drops workers whose heartbeats stopped."""
         while True:
@@ -391,6 +405,7 @@ async def run_master(
     if local is not None:
         local["master"] = service
     bound = None
+    metrics.export_master(service.gauges)
     try:
         async with (
             WorkerDirectory(service.rpc_workers, secret=secret, tls=tls) as workers,
@@ -413,6 +428,7 @@ async def run_master(
             log.info("master listening on %s, state in %s", format_address(bound), state_dir)
             task_status.started(bound)
     finally:
+        metrics.export_master(None)
         if secret is not None and publish_secret and bound is not None:
             unpublish(bound[1], secret)
         service.close()

@@ -136,6 +136,7 @@ class WorkerService:
     async def _fill(
         self, key: bytes, fill: _Fill, dataset: str, path: str, version, offset, length
     ) -> None:
+        started = trio.current_time()
         try:
             remote = await self._remote_for(dataset)
             async with self._fill_limiter:
@@ -150,6 +151,7 @@ class WorkerService:
                     f"run `cachefs dataset sync {dataset}`"
                 )
             self.store.put(key, data, dataset)
+            metrics.FILL_SECONDS.observe(trio.current_time() - started)
             fill.data = data
         except CacheFsError as exc:
             fill.error = exc

@@ -12,7 +12,13 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.
 
 
 def exported_names() -> set[str]:
-    metrics.export_store(lambda: {"tiers": {"mem": {"used": 0, "capacity": 1}}})
+    """Every metric a master, a worker and a mount export (all three in one process)."""
+    metrics.export_store(lambda: {"tiers": {"mem": {"used": 0, "capacity": 1}},
+                                  "datasets": {"d": {"bytes": 1}}})  # fmt: skip
+    metrics.export_master(lambda: {"datasets": {"d": {"files": 1, "bytes": 1}},
+                                   "workers": {"live": 1}, "jobs": {}})  # fmt: skip
+    metrics.export_shortcircuit(lambda: dict.fromkeys(
+        ("hits", "misses", "fallbacks", "hit_bytes"), 0))  # fmt: skip
     try:
         names = set()
         for family in REGISTRY.collect():
@@ -22,6 +28,8 @@ def exported_names() -> set[str]:
         return names
     finally:
         metrics.export_store(None)
+        metrics.export_master(None)
+        metrics.export_shortcircuit(None)
 
 
 def test_every_expression_uses_exported_metrics():
