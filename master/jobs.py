@@ -216,6 +216,7 @@ class LoadJobs:
         share of them exceeds its own capacity the most (None: every share fits). `whole`:
         the plan is the whole dataset. `usage`: when not every file is held, also count the bytes
         the live workers hold now, of every dataset (`used_bytes`; one stats call per worker).
+        `quota_bytes`: the dataset's quota (master/controls.py), None without one.
         """
         await self.workers.update()
         live = {w.worker_id: w for w in self.service.registry.live()}
@@ -234,6 +235,7 @@ class LoadJobs:
             "whole": whole, "replicas": replicas, "need_bytes": sum(need.values()),
             "workers": len(capacity), "capacity_bytes": sum(capacity.values()),
             "over": None, "used_bytes": None,
+            "quota_bytes": self.service.controls.get(dataset)["quota_bytes"],
         }  # fmt: skip
         over = [(n - capacity[w], w) for w, n in need.items() if w in capacity and n > capacity[w]]
         if over:

@@ -16,6 +16,7 @@ from cachefs.config import format_address
 from cachefs.credentials import load_or_create, publish, redact, unpublish
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, PermissionDenied
 from cachefs.master.console import Console
+from cachefs.master.controls import ControlBook
 from cachefs.master.jobs import LoadJobs, check_schedule, whole_dataset
 from cachefs.master.namespace import MetadataStore
 from cachefs.master.registry import WorkerRegistry
@@ -47,6 +48,7 @@ class MasterService:
     def __init__(self, state_dir: str | Path, *, liveness: float = 10.0):
         self.state_dir = Path(state_dir)
         self.store = MetadataStore(state_dir)
+        self.controls = ControlBook(self.store)  # pin, quota, TTL per dataset
         self.registry = WorkerRegistry(liveness=liveness, on_change=self._membership_changed)
         # Workers known before a restart stay members (until they miss heartbeats), so clients
         # never see an empty cluster just because the master restarted.
@@ -108,11 +110,27 @@ class MasterService:
             )
         return target
 
+    def _shown(self, info: dict) -> dict:
+        return {**_public(info), "controls": self.controls.get(info["name"])}
+
     async def rpc_dataset_list(self) -> list[dict]:
-        return [_public(info) for info in self.store.datasets()]
+        return [self._shown(info) for info in self.store.datasets()]
 
     async def rpc_dataset_info(self, name: str) -> dict:
-        return _public(self.store.dataset(name))
+        return self._shown(self.store.dataset(name))
+
+    async def rpc_dataset_set(self, name: str, changes: dict) -> dict:
+        """Changes a dataset's controls (master/controls.py: pinned, quota_bytes, ttl_seconds;
+        None clears the last two); saved, then pushed to the live workers at once (the others
+        get them with their next heartbeat reply). Returns them and how many workers took them."""
+        self.store.dataset(name)
+        controls = self.controls.update(name, changes)
+        pushed = await self._on_workers("controls", controls=self._controls_wire())
+        return {"controls": controls, "workers": len(pushed),
+                "applied": sum(result is True for result in pushed.values())}  # fmt: skip
+
+    def _controls_wire(self) -> dict:
+        return self.controls.for_workers(len(self.registry.live()))
 
     async def rpc_dataset_spec(self, name: str) -> dict:
         """URI and options with their credentials, for workers and mounts (authenticated);
@@ -125,6 +143,7 @@ class MasterService:
         await self.rpc_dataset_clean(name)
         async with self._lock(name):
             await trio.to_thread.run_sync(self.store.remove_dataset, name)
+        self.controls.forget(name)
         self._remotes.pop(name, None)
         self._sync_locks.pop(name, None)
         log.info("dataset %s removed", name)
@@ -225,12 +244,13 @@ class MasterService:
             raise InvalidArgument("locality must be a map")
         epoch = self.registry.register(worker_id, address, host_id, capacity or {}, locality)
         log.info("worker %s registered at %s (host %s)", worker_id, address, host_id)
-        return {"epoch": epoch, "heartbeat": self.registry.liveness / 4}
+        return {"epoch": epoch, "heartbeat": self.registry.liveness / 4,
+                "controls": self._controls_wire()}  # fmt: skip
 
     async def rpc_worker_heartbeat(self, worker_id: str, stats: dict | None = None) -> dict:
         if not self.registry.heartbeat(worker_id, stats or {}):
             raise NotFound(f"worker {worker_id} is not registered")
-        return {"epoch": self.registry.epoch}
+        return {"epoch": self.registry.epoch, "controls": self._controls_wire()}
 
     async def rpc_worker_unregister(self, worker_id: str) -> None:
         self.registry.unregister(worker_id)
@@ -254,7 +274,7 @@ class MasterService:
         def total(section: str, name: str, field: str) -> int:
             return sum(s.get(section, {}).get(name, {}).get(field, 0) for s in stats.values())
 
-        for info in map(_public, self.store.datasets()):
+        for info in map(self._shown, self.store.datasets()):
             name = info["name"]
             # Each file counted once, where readers look for it (its owner): copies left on
             # other workers after membership changes do not push the share past 100%.

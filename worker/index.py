@@ -8,11 +8,15 @@ whose data never reached the disk.
              -> msgpack [tier, slab, slot index, class, length, xxh3_64, dataset]
     meta     b"geometry:<tier>" -> msgpack [capacity, slab_size, class sizes]
              b"worker_id"       -> the worker's stable id
+             b"controls"        -> the master's per-dataset controls last received
+    stored   cache key -> f64 wall-clock time it was stored (TTLs: worker/controls.py); saved
+             in batches, so it may lag the entries and name keys no longer cached
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,8 @@ OPEN_INDEXES: set[str] = set()
 
 ENTRIES_DB = b"entries"
 META_DB = b"meta"
+STAMPS_DB = b"stored"
+_STAMP = struct.Struct("<d")
 
 
 def geometry_key(tier: str) -> str:
@@ -63,6 +69,7 @@ class CacheIndex:
         )  # fmt: skip
         self._entries = self.env.open_db(ENTRIES_DB)
         self._meta = self.env.open_db(META_DB)
+        self._stamps = self.env.open_db(STAMPS_DB)
         OPEN_INDEXES.add(os.path.realpath(self.path))
 
     def close(self) -> None:
@@ -106,3 +113,18 @@ class CacheIndex:
         with self.env.begin() as txn:
             for key, raw in txn.cursor(self._entries):
                 yield bytes(key), msgpack.unpackb(raw)
+
+    def stamps(self) -> Iterator[tuple[bytes, float]]:
+        """(cache key, time stored) as last saved."""
+        with self.env.begin() as txn:
+            for key, raw in txn.cursor(self._stamps):
+                yield bytes(key), _STAMP.unpack(raw)[0]
+
+    def save_stamps(self, changes: dict[bytes, float | None]) -> None:
+        """Records store times (None: forgets the key's) in one transaction."""
+        with self.env.begin(write=True) as txn:
+            for key, stamp in changes.items():
+                if stamp is None:
+                    txn.delete(key, db=self._stamps)
+                else:
+                    txn.put(key, _STAMP.pack(stamp), db=self._stamps)

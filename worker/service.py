@@ -268,8 +268,10 @@ class WorkerService:
             return self.store.evict_dataset(dataset)
         return self.store.evict_keys([bytes(k) for k in keys or []])
 
-    async def rpc_pin(self, dataset: str, pinned: bool = True) -> None:
-        self.store.set_pinned(dataset, pinned)
+    async def rpc_controls(self, controls: dict) -> bool:
+        """The master's per-dataset controls, pushed when they change (worker/controls.py)."""
+        self.store.controls.apply(controls)
+        return True
 
     async def rpc_stats(self) -> dict:
         return self.stats()
@@ -282,6 +284,7 @@ class WorkerService:
             "remote_bytes": self.remote_bytes,
             "fills_in_flight": len(self._fills),
             "served": {ds: {"hit_bytes": h, "miss_bytes": m} for ds, (h, m) in self.served.items()},
+            "controls": self.store.controls.stats(),
         }
 
 
@@ -324,9 +327,16 @@ class MasterLink:
             locality=self.store.locality(),
         )
         self.interval = reply["heartbeat"]
+        self._apply_controls(reply)
         log.info(
             "registered with the master as %s (epoch %s)", self.store.worker_id, reply["epoch"]
         )
+
+    def _apply_controls(self, reply: dict) -> None:
+        try:
+            self.store.controls.apply(reply.get("controls") if isinstance(reply, dict) else None)
+        except CacheFsError as exc:
+            log.warning("ignoring the master's dataset controls: %s", exc.message)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Registers, then heartbeats forever; re-registers when the master forgot us."""
@@ -338,9 +348,10 @@ class MasterLink:
                     await self.register()
                     registered = True
                 else:
-                    await self.client.call(
+                    reply = await self.client.call(
                         "worker_heartbeat", worker_id=self.store.worker_id, stats=self.stats()
                     )
+                    self._apply_controls(reply)
             except NotFound:
                 registered = False
                 continue
@@ -382,6 +393,7 @@ async def run_worker(
         metrics.export_store(store.stats)
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
+            await nursery.start(store.controls.run)  # TTL sweeps; stopped with the nursery
             server = RpcServer(service, secret=secret, name="worker", tls=tls)
             bound = await nursery.start(server.serve, *listen)
             host = bound[0] if bound[0] not in ("0.0.0.0", "::") else socket.gethostname()

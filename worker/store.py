@@ -8,7 +8,7 @@ directly. The rules:
 - a DISK hit is promoted to MEM;
 - every read verifies the xxh3_64 checksum; a mismatch drops the entry (the caller refetches);
 - a full cache never fails a caller: `put` returns False and the data is simply not cached;
-- pinned datasets are never evicted.
+- pinned datasets are never evicted; quotas and TTLs: worker/controls.py (`self.controls`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from cachefs.locality import make_token
 from cachefs.meta import BLOCK_SIZE, checksum
 from cachefs.worker import ramtier
+from cachefs.worker.controls import DatasetControls
 from cachefs.worker.eviction import Watermarks
 from cachefs.worker.index import CacheIndex, Location, geometry_key, slot_of
 from cachefs.worker.slab import Slot
@@ -81,6 +82,7 @@ class BlockStore:
         self.pinned: set[str] = set()
         self.counters = StoreCounters()
         self._load_index()
+        self.controls = DatasetControls(self)  # the master's pin, quota and TTL per dataset
 
     # ---- start-up ------------------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class BlockStore:
 
     def get(self, key: bytes) -> bytes | None:
         """The cached bytes, verified, or None (miss, or corrupt and now dropped)."""
-        loc = self._locations.get(key)
+        loc = self._fresh(key)
         if loc is None:
             self.counters.misses += 1
             return None
@@ -184,7 +186,7 @@ class BlockStore:
         code of this store (a `put` may reuse the slot), so the caller replies with it before
         it awaits anything. Every write of a store happens on the thread that owns it.
         """
-        loc = self._locations.get(key)
+        loc = self._fresh(key)
         if loc is None or loc.tier != "mem":
             return None
         return self._verified(key, loc, self.tiers["mem"].view(loc.slot, loc.length))
@@ -207,17 +209,25 @@ class BlockStore:
     def touch(self, key: bytes) -> bool:
         """A hit seen elsewhere (a short-circuit read of the tier file): the LRU effect of `get`
         without reading the bytes; no promotion, which would cost a read and a write."""
-        loc = self._locations.get(key)
+        loc = self._fresh(key)
         if loc is None:
             return False
         self.tiers[loc.tier].policy.touch(key)
         return True
 
     def location(self, key: bytes) -> Location | None:
-        return self._locations.get(key)
+        return self._fresh(key)
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._locations
+        return self._fresh(key) is not None
+
+    def _fresh(self, key: bytes) -> Location | None:
+        """The entry's location; None if absent or past its dataset's TTL (then dropped)."""
+        loc = self._locations.get(key)
+        if loc is not None and self.controls.expired(key, loc):
+            self._drop(key, loc)
+            return None
+        return loc
 
     # ---- writes --------------------------------------------------------------------------
 
@@ -228,8 +238,12 @@ class BlockStore:
         old = self._locations.get(key)
         if old is not None:
             self._drop(key, old)
-        stored = self._store_in(self._order[0], key, data, dataset, checksum(data))
-        if not stored:
+        stored = self.controls.admit(dataset, len(data)) and self._store_in(
+            self._order[0], key, data, dataset, checksum(data)
+        )
+        if stored:
+            self.controls.stored(key, dataset)
+        else:
             self.counters.not_stored += 1
         return stored
 

@@ -70,10 +70,17 @@ def shortfall(held: dict, failed: int = 0) -> str | None:
         return None
     n = held["workers"]
     cache = f"{human_bytes(held['capacity_bytes'])} over {n} worker{'' if n == 1 else 's'}"
+    subject, verb = ("the dataset", "is") if held["whole"] else ("the files asked for", "are")
+    if held["replicas"] > 1:
+        subject += f" ({held['replicas']} copies, {human_bytes(held['need_bytes'])})"
+    quota = held.get("quota_bytes")
+    if quota is not None and held["need_bytes"] > quota:
+        whose = "its" if held["whole"] else "the dataset's"
+        return (
+            f"{subject} {verb} larger than {whose} quota ({human_bytes(quota)}); raise or "
+            "clear it: cachefs dataset set NAME --quota SIZE|none"
+        )
     if held["need_bytes"] > held["capacity_bytes"]:
-        subject, verb = ("the dataset", "is") if held["whole"] else ("the files asked for", "are")
-        if held["replicas"] > 1:
-            subject += f" ({held['replicas']} copies, {human_bytes(held['need_bytes'])})"
         return f"{subject} {verb} larger than the cache ({cache}); {ADVICE}"
     over = held.get("over")
     if over:

@@ -105,6 +105,10 @@ def master_backup(name, master, secret_file) -> None:
 @click.option("--disk", type=click.Path(file_okay=False), help="directory for the DISK tier")
 @click.option("--disk-size", default="0", help="DISK tier size, e.g. 100G")
 @click.option("--host-id", help="node name for locality (default: hostname)")
+@click.option("--high-watermark", type=float, default=0.95, show_default=True,
+              help="evict once a tier is fuller than this share of its size")  # fmt: skip
+@click.option("--low-watermark", type=float, default=0.85, show_default=True,
+              help="evict down to this share (0 < low <= high <= 1)")  # fmt: skip
 @shm_options
 @click.option("--insecure", is_flag=True, help="serve without a secret (the master's --insecure)")
 @click.option("--fills", type=click.IntRange(min=1), default=None,
@@ -114,8 +118,8 @@ def master_backup(name, master, secret_file) -> None:
 @metrics_option
 @errors_to_exit
 def worker(
-    master, listen, advertise, state, mem, disk, disk_size, host_id, shm, shm_share, insecure,
-    fills, secret_file, metrics,
+    master, listen, advertise, state, mem, disk, disk_size, host_id, high_watermark,
+    low_watermark, shm, shm_share, insecure, fills, secret_file, metrics,
 ):  # fmt: skip
     """Run a cache worker (foreground).
 
@@ -128,6 +132,11 @@ def worker(
 
     if disk and not parse_size(disk_size):
         raise InvalidArgument("--disk needs --disk-size")
+    if not 0 < low_watermark <= high_watermark <= 1:
+        raise InvalidArgument(
+            f"watermarks need 0 < --low-watermark <= --high-watermark <= 1 "
+            f"(got low {low_watermark:g}, high {high_watermark:g})"
+        )
     secret = client_secret(secret_file, master_address(master))
     if secret is None and not insecure:
         raise InvalidArgument(
@@ -143,6 +152,8 @@ def worker(
         disk_capacity=parse_size(disk_size),
         shm_dir=Path(shm),
         shm_share=shm_share,
+        high=high_watermark,
+        low=low_watermark,
     )
     started = False
 

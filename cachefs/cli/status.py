@@ -15,6 +15,7 @@ from cachefs.cli.common import (
     master_option,
     secret_option,
 )
+from cachefs.cli.datasets import controls_text
 from cachefs.cli.jobs import job_line
 from cachefs.errors import CacheFsError
 
@@ -88,6 +89,7 @@ def status(name, as_json, master, secret_file) -> None:
             f"  {info['cached_percent']:.1f}% cached"
             f"  hit ratio {'-' if hit is None else f'{100 * hit:.1f}%'}"
             f"  synced {when}  {info['uri']}"
+            + (f"  ({shown})" if (shown := controls_text(info.get("controls") or {})) else "")
         )
     click.echo(f"workers ({len(report['workers'])}, epoch {report['epoch']}):")
     for worker in report["workers"]:
