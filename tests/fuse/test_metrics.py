@@ -44,6 +44,11 @@ def test_embedded_mount_exports_fuse_cache_store_and_ufs_metrics(mounts, tmp_pat
     assert m['cachefs_ufs_requests_total{result="ok"}'] > 0
     assert m['cachefs_store_capacity_bytes{tier="mem"}'] == 256 << 20
     assert m['cachefs_store_used_bytes{tier="mem"}'] >= total
+    # The embedded worker filled every non-empty file once; its master knows the dataset.
+    nonempty = sum(1 for rel in digests if (source / rel).stat().st_size)
+    assert m["cachefs_fill_seconds_count"] == nonempty
+    assert m["cachefs_datasets"] == 1
+    assert m['cachefs_workers{state="live"}'] == 1
 
 
 def test_master_and_worker_export_load_and_cache_metrics(tmp_path):
