@@ -6,8 +6,8 @@
    (MiB, in a private directory under /dev/shm) is offered rawframes-like objects
    (benchmarks/dataset.py's size mix, whole files up to the 4 MiB block) worth 4x its capacity;
    then the bytes its entries hold are compared with the capacity.
-   The same offer to the extent allocator (worker/extents.py, not yet the store's) with plain
-   LRU eviction until the object fits, simulated: the bytes live entries hold.
+   The same offer to the extent allocator alone (worker/extents.py, what the store now uses)
+   with plain LRU eviction until the object fits, simulated: the bytes live entries hold.
 2. Hit ratios, simulated over a byte-sized cache (exact accounting, no allocator, so the policy
    alone is compared): LRU, and LRU with TinyLFU admission (worker/admission.py):
    - repeated epochs: a dataset 2x the cache, 5 epochs, each in a new random order;
@@ -164,8 +164,8 @@ def main() -> None:
         "Live bytes: a real BlockStore with one RAM tier, offered rawframes-like objects worth 4x "
         "its capacity (target: >= 90% of the tier holds live entries).",
         "",
-        "| RAM tier | BlockStore today: bytes held | of capacity | entries kept of offered "
-        "| extent allocator + LRU (simulated): of capacity |",
+        "| RAM tier | BlockStore: bytes held | of capacity | entries kept of offered "
+        "| extent allocator + LRU alone (simulated): of capacity |",
         "|---:|---:|---:|---:|---:|",
         *rows,
         "",

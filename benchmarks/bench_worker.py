@@ -17,10 +17,10 @@ does. Then, per object size:
     checks, reading the same files with open/read/close; the page cache is warm (the files
     were just written and read), so this is a memory-speed baseline, not a disk one.
 
-Slab efficiency (stored bytes / allocated slot bytes): a `SlabAllocator` with the MEM tier's
-geometry sized like a 16 GiB tier, filled with a seeded log-normal mix (median 48 KB,
-sigma 0.8, capped at 4 MiB) until the first refusal, no I/O; and the efficiency the real
-worker reports after the warm pass (three fixed sizes, so it shows their size-class fit).
+Allocation efficiency (stored bytes / allocated page bytes): the tiers' `ExtentAllocator` sized
+like a 16 GiB tier, filled with a seeded log-normal mix (median 48 KB, sigma 0.8, capped at
+4 MiB) until the first refusal, no I/O; and the efficiency the real worker reports after the
+warm pass (three fixed sizes).
 
     python benchmarks/bench_worker.py            # ~1-2 minutes
     python benchmarks/bench_worker.py --quick    # fewer files, 2 s per run
@@ -53,10 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import replace_section, rerun_command  # noqa: E402
 from cachefs.config import parse_address, parse_size  # noqa: E402
-from cachefs.meta import Attr  # noqa: E402
+from cachefs.meta import BLOCK_SIZE, Attr  # noqa: E402
 from cachefs.rpc import RpcClient  # noqa: E402
-from cachefs.worker.slab import DEFAULT_SLAB_SIZE, SlabAllocator  # noqa: E402
-from cachefs.worker.tier import BLOCK_SIZE, SLAB_SIZE  # noqa: E402
+from cachefs.worker.extents import ExtentAllocator  # noqa: E402
 from tests.procs import master_process, run_cli, stop_services, worker_process  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -406,25 +405,24 @@ def measure_size(
     }
 
 
-# -- slab efficiency (no I/O) -----------------------------------------------------------------
+# -- allocation efficiency (no I/O) -----------------------------------------------------------
 
 
-def lognormal_fill(capacity: int, slab_size: int, seed: int = 1) -> dict:
+def lognormal_fill(capacity: int, seed: int = 1) -> dict:
     """Fills an allocator with a log-normal size mix until the first allocation is refused."""
-    allocator = SlabAllocator(capacity, slab_size=slab_size, max_object=BLOCK_SIZE)
+    allocator = ExtentAllocator(capacity)
     rng = random.Random(seed)
     mu = math.log(LOGNORMAL_MEDIAN)
-    objects = 0
+    objects = stored = 0
     while True:
         size = max(1, min(int(rng.lognormvariate(mu, LOGNORMAL_SIGMA)), BLOCK_SIZE))
         if allocator.allocate(size) is None:
             break
-        objects += 1
+        objects, stored = objects + 1, stored + size
     return {
-        "slab_size": slab_size,
         "objects": objects,
-        "efficiency": allocator.efficiency(),
-        "of_capacity": allocator.stored_bytes / allocator.capacity,
+        "efficiency": stored / allocator.used_bytes,
+        "of_capacity": stored / allocator.capacity,
     }
 
 
@@ -457,23 +455,18 @@ def table(rows: list[dict]) -> str:
 def efficiency_lines(fills: list[dict], capacity: int, real: dict, mix_label: str) -> str:
     lines = []
     for f in fills:
-        what = (
-            "the MEM tier's geometry"
-            if f["slab_size"] == SLAB_SIZE
-            else "the allocator's default slabs"
-        )
         lines.append(
-            f"- Slab efficiency, log-normal mix (median {LOGNORMAL_MEDIAN // 1000} KB, "
+            f"- Allocation efficiency, log-normal mix (median {LOGNORMAL_MEDIAN // 1000} KB, "
             f"sigma {LOGNORMAL_SIGMA}, capped at {human(BLOCK_SIZE)}), {capacity // GiB} GiB "
-            f"allocator with {what} ({human(f['slab_size'])} slabs) filled until the first "
-            f"refusal: **{f['efficiency']:.1%}** stored/allocated "
-            f"({f['objects']:,} objects; {f['of_capacity']:.1%} of capacity). Target >= 90%: "
+            f"extent allocator (4 KiB pages) filled until the first refusal: "
+            f"**{f['efficiency']:.1%}** stored/allocated ({f['objects']:,} objects; "
+            f"{f['of_capacity']:.1%} of capacity). Target >= 90%: "
             f"{'met' if f['efficiency'] >= 0.9 else 'NOT met'}."
         )
     lines.append(
         f"- Real worker after the warm pass ({mix_label}): {real['stored'] / real['used']:.1%} "
         f"stored/allocated ({real['stored'] / MiB:,.1f} MiB in {real['used'] / MiB:,.1f} MiB "
-        f"of slots, {real['entries']:,} objects)."
+        f"of pages, {real['entries']:,} objects)."
     )
     return "\n".join(lines)
 
@@ -548,9 +541,7 @@ def main() -> None:
         shutil.rmtree(shm, ignore_errors=True)
 
     capacity = parse_size(args.efficiency_capacity)
-    fills = [lognormal_fill(capacity, SLAB_SIZE)]
-    if DEFAULT_SLAB_SIZE != SLAB_SIZE:
-        fills.append(lognormal_fill(capacity, DEFAULT_SLAB_SIZE))
+    fills = [lognormal_fill(capacity)]
     mix_label = " + ".join(f"{count:,} x {human(size)}" for size, count in mix)
     text = table(rows) + "\n\n" + efficiency_lines(fills, capacity, warm["tiers"]["mem"], mix_label)
     print(text)

@@ -34,7 +34,7 @@ import msgpack
 import trio
 
 from cachefs.meta import checksum
-from cachefs.worker.index import ENTRIES_DB, META_DB, OPEN_INDEXES, geometry_key, slot_of
+from cachefs.worker.index import ENTRIES_DB, META_DB, OPEN_INDEXES, extent_of, geometry_key
 
 log = logging.getLogger("cachefs.shortcircuit")
 
@@ -73,7 +73,7 @@ class _Files:
         self.retired = False
         self.fds: dict[str, int] = {}
         self.ids: dict[str, tuple[int, int]] = {}  # path -> (dev, ino) as opened
-        self._geometry: dict[str, tuple[bytes, int, list]] = {}
+        self._geometry: dict[str, bytes] = {}  # tier -> the layout its entries were read under
         index = str(token["index"])
         data = os.path.join(index, "data.mdb")
         self.env = None
@@ -112,17 +112,17 @@ class _Files:
             raw = txn.get(key, db=self.entries)
             if raw is None:
                 return None
-            tier, slab, index, size_class, length, digest, _ = msgpack.unpackb(raw)
-            geometry = self._geometry.get(tier)
-            # Read with the entry, in one transaction: a worker restarted with another geometry
-            # rewrites both, and the entry must be located with its own geometry.
+            tier, start, pages, length, digest, _ = msgpack.unpackb(raw)
+            # Read with the entry, in one transaction: a worker restarted with another layout
+            # rewrites both, and an entry is only trusted under the layout it was written in.
             geo_raw = txn.get(geometry_key(tier).encode(), db=self.meta)
             if geo_raw is None or tier not in self.fds:
                 return None
-            if geometry is None or geometry[0] != geo_raw:
-                _, slab_size, class_sizes = msgpack.unpackb(geo_raw)
-                geometry = self._geometry[tier] = (bytes(geo_raw), slab_size, class_sizes)
-        slot = slot_of(slab, index, size_class, geometry[1], geometry[2])
+            if self._geometry.get(tier) != geo_raw:
+                if msgpack.unpackb(geo_raw)[0] != "extents":
+                    return None
+                self._geometry[tier] = bytes(geo_raw)
+        slot = extent_of(start, pages)
         if length > slot.capacity:
             return None
         return Located(tier, slot.offset, length, digest)

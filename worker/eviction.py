@@ -158,7 +158,7 @@ class Watermarks:
 
     __slots__ = ("capacity", "high", "low", "high_bytes", "low_bytes")
 
-    def __init__(self, capacity: int, high: float = 0.95, low: float = 0.85) -> None:
+    def __init__(self, capacity: int, high: float = 1.0, low: float = 0.97) -> None:
         if capacity < 0:
             raise ValueError(f"negative capacity {capacity}")
         if not 0.0 < low <= high <= 1.0:

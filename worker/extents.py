@@ -1,11 +1,10 @@
 """Page-granular extent allocator for a cache tier: where each object lives (pure policy).
 
-The planned successor of the slab allocator (worker/slab.py) for tiers of any size: a slab
-allocator needs many more slabs than the size classes in use, so a tier of 64 MiB (16 slabs of
-4 MiB for ~40 classes of a rawframes mix) keeps 8% of its bytes live (benchmarks/results.md,
-"Retention (#17)"). Here an object takes a contiguous run of whole pages, anywhere: no classes,
-so the only waste is the tail of its last page, and eviction frees exactly the pages of the
-entries it drops.
+It replaced a slab allocator (size classes carved out of 4 MiB slabs), which needs many more
+slabs than the size classes in use: a 64 MiB tier (16 slabs for ~40 classes of a rawframes
+mix) kept 8% of its bytes live, 1 GiB 82% (benchmarks/results.md, "Retention (#17)"). Here an
+object takes a contiguous run of whole pages, anywhere: no classes, so the only waste is the
+tail of its last page, and eviction frees exactly the pages of the entries it drops.
 
 Free space is a set of maximal runs (neighbours always merged), indexed by start and by end
 (dicts) and by (length, start) and by start (sorted lists): `allocate` is best fit (the

@@ -5,8 +5,8 @@ survives) without refetching. Writes are not fsynced: after a crash the checksum
 whose data never reached the disk.
 
     entries  cache key (16 bytes, + u32 block index for blocks of large files)
-             -> msgpack [tier, slab, slot index, class, length, xxh3_64, dataset]
-    meta     b"geometry:<tier>" -> msgpack [capacity, slab_size, class sizes]
+             -> msgpack [tier, first page, pages, length, xxh3_64, dataset]
+    meta     b"geometry:<tier>" -> msgpack ["extents", capacity, page size]
              b"worker_id"       -> the worker's stable id
              b"controls"        -> the master's per-dataset controls last received
     stored   cache key -> f64 wall-clock time it was stored (TTLs: worker/controls.py); saved
@@ -25,7 +25,7 @@ import lmdb
 import msgpack
 
 from cachefs.runtime import private_dir, private_lmdb
-from cachefs.worker.slab import Slot
+from cachefs.worker.extents import PAGE, Extent
 
 #: Index dirs this process has open as a worker: lmdb forbids a second open in one process.
 OPEN_INDEXES: set[str] = set()
@@ -40,20 +40,21 @@ def geometry_key(tier: str) -> str:
     return f"geometry:{tier}"
 
 
-def slot_of(slab: int, index: int, size_class: int, slab_size: int, class_sizes: list) -> Slot:
-    """The slot an index record names, located as the allocator lays slots out.
+def geometry(capacity: int) -> list:
+    """What a tier's entries are located by; an index whose tier had another is forgotten."""
+    return ["extents", capacity, PAGE]
 
-    Pure, and the one place an index record becomes a file offset: the worker rebuilds its
-    allocator with it and short-circuit readers in other processes locate bytes with it.
-    """
-    capacity = class_sizes[size_class]
-    return Slot(slab, index, size_class, slab * slab_size + index * capacity, capacity)
+
+def extent_of(start: int, pages: int) -> Extent:
+    """The pages an index record names: the one place a record becomes a file offset (the
+    worker rebuilds its allocator with it; short-circuit readers locate bytes with it)."""
+    return Extent(start, pages)
 
 
 @dataclass(frozen=True, slots=True)
 class Location:
     tier: str
-    slot: Slot
+    slot: Extent  # where the bytes are: `offset`, `capacity`
     length: int
     checksum: int
     dataset: str
@@ -92,8 +93,8 @@ class CacheIndex:
             txn.put(key.encode(), msgpack.packb(value), db=self._meta)
 
     def put(self, key: bytes, loc: Location) -> None:
-        s = loc.slot
-        record = [loc.tier, s.slab, s.index, s.size_class, loc.length, loc.checksum, loc.dataset]
+        e = loc.slot
+        record = [loc.tier, e.start, e.pages, loc.length, loc.checksum, loc.dataset]
         with self.env.begin(write=True) as txn:
             txn.put(key, msgpack.packb(record), db=self._entries)
 

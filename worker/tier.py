@@ -1,4 +1,4 @@
-"""One cache tier: a preallocated slab file, mmap'd, carved by a `SlabAllocator`.
+"""One cache tier: a preallocated file, mmap'd, carved into page runs by an `ExtentAllocator`.
 
 MEM lives in /dev/shm (RAM that survives a worker restart but not a reboot), DISK in a file on a
 local disk, preallocated with posix_fallocate so a full disk shows at start, not mid-write.
@@ -14,23 +14,18 @@ from pathlib import Path
 from cachefs.errors import InvalidArgument, NoSpace
 from cachefs.meta import BLOCK_SIZE
 from cachefs.worker.eviction import LruPolicy
-from cachefs.worker.slab import SlabAllocator, Slot
-
-#: Slabs as small as the largest object: a tier needs many more slabs than the size classes in
-#: use, or slab rebalancing churns (measured: 1 GiB of 64 MiB slabs kept 24 of 3,000 log-normal
-#: objects; of 4 MiB slabs, all of them). Small tiers (< 256 MiB) still churn; see docs.
-SLAB_SIZE = BLOCK_SIZE
+from cachefs.worker.extents import Extent, ExtentAllocator
 
 
 class Tier:
-    def __init__(self, name: str, path: Path, capacity: int, *, slab_size: int | None = None):
+    def __init__(self, name: str, path: Path, capacity: int):
         if capacity < BLOCK_SIZE:
             raise InvalidArgument(f"{name} tier needs at least {BLOCK_SIZE >> 20} MiB")
         self.name = name
         self.path = path
-        self.slab_size = slab_size or SLAB_SIZE
-        self.allocator = SlabAllocator(capacity, slab_size=self.slab_size, max_object=BLOCK_SIZE)
-        self.capacity = self.allocator.slab_count * self.slab_size
+        self.allocator = ExtentAllocator(capacity)
+        self.capacity = self.allocator.capacity
+        self.stored_bytes = 0  # the entries' own lengths (used_bytes counts whole pages)
         self.policy = LruPolicy()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
@@ -56,19 +51,19 @@ class Tier:
             os.close(fd)
         self._view = memoryview(self._map)
 
-    def write(self, slot: Slot, data: bytes | memoryview) -> None:
-        self._view[slot.offset : slot.offset + len(data)] = data
+    def write(self, extent: Extent, data: bytes | memoryview) -> None:
+        self._view[extent.offset : extent.offset + len(data)] = data
 
-    def read(self, slot: Slot, length: int) -> bytes:
-        return self._map[slot.offset : slot.offset + length]
+    def read(self, extent: Extent, length: int) -> bytes:
+        return self._map[extent.offset : extent.offset + length]
 
-    def view(self, slot: Slot, length: int) -> memoryview:
-        """Zero-copy view of a slot (valid only until the slot is freed)."""
-        return self._view[slot.offset : slot.offset + length]
+    def view(self, extent: Extent, length: int) -> memoryview:
+        """Zero-copy view of an entry's bytes (valid only until its pages are freed)."""
+        return self._view[extent.offset : extent.offset + length]
 
     @property
     def used_bytes(self) -> int:
-        return self.allocator.allocated_bytes
+        return self.allocator.used_bytes
 
     def close(self) -> None:
         self._view.release()

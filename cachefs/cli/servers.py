@@ -105,9 +105,9 @@ def master_backup(name, master, secret_file) -> None:
 @click.option("--disk", type=click.Path(file_okay=False), help="directory for the DISK tier")
 @click.option("--disk-size", default="0", help="DISK tier size, e.g. 100G")
 @click.option("--host-id", help="node name for locality (default: hostname)")
-@click.option("--high-watermark", type=float, default=0.95, show_default=True,
+@click.option("--high-watermark", type=float, default=1.0, show_default=True,
               help="evict once a tier is fuller than this share of its size")  # fmt: skip
-@click.option("--low-watermark", type=float, default=0.85, show_default=True,
+@click.option("--low-watermark", type=float, default=0.97, show_default=True,
               help="evict down to this share (0 < low <= high <= 1)")  # fmt: skip
 @shm_options
 @click.option("--insecure", is_flag=True, help="serve without a secret (the master's --insecure)")

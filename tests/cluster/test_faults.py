@@ -273,20 +273,20 @@ def test_flaky_store(cluster, frames, tmp_path):
 
 
 def index_slots(state: Path) -> list[tuple[bytes, int, int, int]]:
-    """(key, offset in disk.slab, length, slot size) of each DISK entry of a worker's index
+    """(key, offset in disk.slab, length, run size) of each DISK entry of a worker's index
     (layout in worker/index.py), read with lmdb read-only while the worker runs."""
     env = lmdb.open(str(state / "index.lmdb"), readonly=True, max_dbs=4)
     try:
         entries = env.open_db(b"entries", create=False)
         meta = env.open_db(b"meta", create=False)
         with env.begin() as txn:
-            _capacity, slab_size, class_sizes = msgpack.unpackb(txn.get(b"geometry:disk", db=meta))
+            layout, _capacity, page = msgpack.unpackb(txn.get(b"geometry:disk", db=meta))
+            assert layout == "extents"
             out = []
             for key, raw in txn.cursor(entries):
-                tier, slab, index, size_class, length, _digest, _ds = msgpack.unpackb(raw)
+                tier, start, pages, length, _digest, _ds = msgpack.unpackb(raw)
                 if tier == "disk":
-                    size = class_sizes[size_class]
-                    out.append((bytes(key), slab * slab_size + index * size, length, size))
+                    out.append((bytes(key), start * page, length, pages * page))
         return sorted(out)
     finally:
         env.close()

@@ -124,7 +124,11 @@ def test_negative_size_rejected() -> None:
 
 def test_watermarks() -> None:
     w = Watermarks(1000)
-    assert (w.high, w.low) == (0.95, 0.85)
+    assert (w.high, w.low) == (1.0, 0.97)  # a tier runs full; a put past it frees 3 %
+    assert not w.needs_eviction(950, 50)  # exactly full: fine
+    assert w.needs_eviction(950, 51)
+    assert w.target() == 970
+    w = Watermarks(1000, high=0.95, low=0.85)
     assert not w.needs_eviction(900, 50)  # exactly at high: fine
     assert w.needs_eviction(900, 51)
     assert w.needs_eviction(1000, 0)
@@ -138,7 +142,7 @@ def test_watermarks_custom_and_floored() -> None:
     assert w.high_bytes == 499 and w.target() == 249
     assert not w.needs_eviction(400, 99)
     assert w.needs_eviction(400, 100)
-    assert Watermarks(1 << 40).target() == int(0.85 * (1 << 40))
+    assert Watermarks(1 << 40).target() == int(0.97 * (1 << 40))
 
 
 @pytest.mark.parametrize(("high", "low"), [(0.8, 0.9), (1.1, 0.5), (0.5, 0.0), (0.9, -0.1)])

@@ -4,8 +4,8 @@ import random
 
 from cachefs.locality import host_identity, is_local, make_token
 from cachefs.master.registry import WorkerRegistry
-from cachefs.worker.index import slot_of
-from cachefs.worker.slab import SlabAllocator
+from cachefs.worker.extents import PAGE, ExtentAllocator
+from cachefs.worker.index import extent_of
 
 MINE = {"boot_id": "b0", "netns": 4026531840}
 TOKEN = {**MINE, "index": "/s/index.lmdb", "tiers": {"mem": "/dev/shm/cachefs-x/mem.slab"}}
@@ -33,15 +33,15 @@ def test_a_workers_own_token_is_local_to_this_process():
     assert is_local(token, host_identity())
 
 
-def test_slot_of_places_records_where_the_allocator_put_them():
-    alloc = SlabAllocator(64 << 20, slab_size=4 << 20, max_object=4 << 20)
+def test_extent_of_places_records_where_the_allocator_put_them():
+    alloc = ExtentAllocator(64 << 20)
     rng = random.Random(3)
     for _ in range(500):
-        slot = alloc.allocate(rng.choice([1, 4096, 4097, 48_000, 1 << 20, 4 << 20]))
-        if slot is None:
+        extent = alloc.allocate(rng.choice([1, 4096, 4097, 48_000, 1 << 20, 4 << 20]))
+        if extent is None:
             break
-        record = (slot.slab, slot.index, slot.size_class)
-        assert slot_of(*record, alloc.slab_size, alloc.class_sizes) == slot
+        assert extent_of(extent.start, extent.pages) == extent
+        assert extent.offset == extent.start * PAGE and extent.capacity == extent.pages * PAGE
 
 
 def test_registry_carries_the_token_and_a_changed_token_is_a_membership_change():
