@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from cachefs.worker.store import BlockStore
+from tests.integration.test_store import open_store as store_in
 
 MiB = 1 << 20
 OBJ = 100_000
@@ -32,13 +33,7 @@ def clock(monkeypatch):
 
 
 def open_store(root: Path, mem: int = 32 * MiB, disk: int = 0) -> BlockStore:
-    return BlockStore(
-        root / "state",
-        mem_capacity=mem,
-        disk_dir=root / "disk" if disk else None,
-        disk_capacity=disk,
-        shm_dir=root / "shm",
-    )
+    return store_in(root, mem, disk)
 
 
 @pytest.fixture
