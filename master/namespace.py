@@ -25,47 +25,27 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
-import msgpack
 
 from cachefs.errors import AlreadyExists, InvalidArgument, NotADirectory, NotFound
-from cachefs.meta import KIND_DIR, KIND_FILE, Attr
+from cachefs.master.records import (
+    FIRST_INO,
+    ROOT_PARENT,
+    U32,
+    U64,
+    WRITE_BATCH,
+    entry_key,
+    pack,
+    record_attr,
+    unpack,
+)
+from cachefs.master.sync import Sync
+from cachefs.meta import KIND_DIR, Attr
 from cachefs.runtime import open_private, private_dir, private_lmdb
-from cachefs.ufs import RemoteEntry
-
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_ROOT_PARENT = 0
-_FIRST_INO = 2  # 1 is the FUSE root; keeping it unused avoids confusing the two
-_WRITE_BATCH = 20_000
-CHANGE_LOG_GENERATIONS = 50
-
-
-def _entry_key(ds_id: int, parent: int, name: str) -> bytes:
-    return _U32.pack(ds_id) + _U64.pack(parent) + name.encode()
-
-
-def _pack(value) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
-
-
-def _unpack(raw) -> object:
-    return msgpack.unpackb(raw, raw=False)
-
-
-def _attr(record: list) -> Attr:
-    return Attr(*record[:6], *record[7:10])
-
-
-def _owner(record: list) -> tuple:
-    """(mode, uid, gid) of a record; Nones for records written before they were kept."""
-    return tuple(record[7:10]) + (None,) * (10 - max(7, len(record)))
 
 
 def restore_backup(backup: str | Path, state_dir: str | Path) -> None:
@@ -81,24 +61,6 @@ def restore_backup(backup: str | Path, state_dir: str | Path) -> None:
         if txn.get(b"datasets") is None:  # not a cachefs master store
             shutil.rmtree(target)
             raise InvalidArgument(f"{backup} is not a cachefs master backup")
-
-
-@dataclass
-class SyncReport:
-    """What one sync changed, counted in files (directories are reported separately)."""
-
-    added: int = 0
-    changed: int = 0
-    removed: int = 0
-    dirs_added: int = 0
-    dirs_removed: int = 0
-    files: int = 0
-    dirs: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 class MetadataStore:
@@ -118,7 +80,7 @@ class MetadataStore:
         self._by_name: dict[str, dict] = {}
         with self.env.begin() as txn:
             for name, raw in txn.cursor(self._datasets):
-                self._by_name[name.decode()] = _unpack(raw)
+                self._by_name[name.decode()] = unpack(raw)
 
     def close(self) -> None:
         self.env.close()
@@ -138,18 +100,18 @@ class MetadataStore:
 
     def _next(self, txn, key: bytes, start: int) -> int:
         raw = txn.get(key, db=self._meta)
-        value = _U64.unpack(raw)[0] if raw else start
-        txn.put(key, _U64.pack(value + 1), db=self._meta)
+        value = U64.unpack(raw)[0] if raw else start
+        txn.put(key, U64.pack(value + 1), db=self._meta)
         return value
 
     def get_meta(self, key: str) -> object | None:
         with self.env.begin() as txn:
             raw = txn.get(f"doc:{key}".encode(), db=self._meta)
-        return _unpack(raw) if raw is not None else None
+        return unpack(raw) if raw is not None else None
 
     def set_meta(self, key: str, value: object) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(f"doc:{key}".encode(), _pack(value), db=self._meta)
+            txn.put(f"doc:{key}".encode(), pack(value), db=self._meta)
 
     def bump_epoch(self) -> int:
         """A membership epoch that keeps growing across master restarts."""
@@ -177,14 +139,14 @@ class MetadataStore:
         self.check_new_name(name)
         with self.env.begin(write=True) as txn:
             ds_id = self._next(txn, b"next_ds", 1)
-            root = self._next(txn, b"next_ino", _FIRST_INO)
+            root = self._next(txn, b"next_ino", FIRST_INO)
             now = time.time_ns()
             txn.put(
-                _entry_key(ds_id, _ROOT_PARENT, ""),
-                _pack([root, KIND_DIR, 0, now, 1, None, 0]),
+                entry_key(ds_id, ROOT_PARENT, ""),
+                pack([root, KIND_DIR, 0, now, 1, None, 0]),
                 db=self._entries,
             )
-            txn.put(_U64.pack(root), _entry_key(ds_id, _ROOT_PARENT, ""), db=self._inodes)
+            txn.put(U64.pack(root), entry_key(ds_id, ROOT_PARENT, ""), db=self._inodes)
             info = {
                 "name": name,
                 "id": ds_id,
@@ -198,13 +160,13 @@ class MetadataStore:
                 "dirs": 0,
                 "bytes": 0,
             }
-            txn.put(name.encode(), _pack(info), db=self._datasets)
+            txn.put(name.encode(), pack(info), db=self._datasets)
         self._by_name[name] = info
         return info
 
     def _save_dataset(self, info: dict) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(info["name"].encode(), _pack(info), db=self._datasets)
+            txn.put(info["name"].encode(), pack(info), db=self._datasets)
         self._by_name[info["name"]] = info
 
     def remove_dataset(self, name: str) -> None:
@@ -213,18 +175,18 @@ class MetadataStore:
         with self.env.begin(write=True) as txn:
             txn.delete(name.encode(), db=self._datasets)
         del self._by_name[name]
-        prefix = _U32.pack(info["id"])
+        prefix = U32.pack(info["id"])
         while True:
             with self.env.begin(write=True) as txn:
                 cursor = txn.cursor(self._entries)
                 deleted = 0
                 if cursor.set_range(prefix):
-                    while cursor.key().startswith(prefix) and deleted < _WRITE_BATCH:
-                        ino = _unpack(cursor.value())[0]
-                        txn.delete(_U64.pack(ino), db=self._inodes)
+                    while cursor.key().startswith(prefix) and deleted < WRITE_BATCH:
+                        ino = unpack(cursor.value())[0]
+                        txn.delete(U64.pack(ino), db=self._inodes)
                         cursor.delete()  # moves to the next record
                         deleted += 1
-            if deleted < _WRITE_BATCH:
+            if deleted < WRITE_BATCH:
                 return
 
     # ---- namespace reads ------------------------------------------------------------------
@@ -242,20 +204,20 @@ class MetadataStore:
         out: list[Attr | None] = []
         with self.env.begin() as txn:
             for parent, name in items:
-                raw = txn.get(_entry_key(ds_id, parent, name), db=self._entries)
-                out.append(_attr(_unpack(raw)) if raw else None)
+                raw = txn.get(entry_key(ds_id, parent, name), db=self._entries)
+                out.append(record_attr(unpack(raw)) if raw else None)
         return out
 
     def _lookup(self, txn, ds_id: int, parent: int, name: str) -> Attr:
-        raw = txn.get(_entry_key(ds_id, parent, name), db=self._entries)
+        raw = txn.get(entry_key(ds_id, parent, name), db=self._entries)
         if raw is None:
-            parent_key = txn.get(_U64.pack(parent), db=self._inodes)
-            if parent_key is None or _U32.unpack(parent_key[:4])[0] != ds_id:
+            parent_key = txn.get(U64.pack(parent), db=self._inodes)
+            if parent_key is None or U32.unpack(parent_key[:4])[0] != ds_id:
                 raise NotFound(f"no directory with inode {parent}")
-            if _unpack(txn.get(parent_key, db=self._entries))[1] != KIND_DIR:
+            if unpack(txn.get(parent_key, db=self._entries))[1] != KIND_DIR:
                 raise NotADirectory(f"inode {parent} is not a directory")
             raise NotFound(f"{name!r} not found")
-        return _attr(_unpack(raw))
+        return record_attr(unpack(raw))
 
     def lookup_path(self, dataset: str, path: str) -> Attr:
         info = self.dataset(dataset)
@@ -268,18 +230,18 @@ class MetadataStore:
             return attr
 
     def _attr_of(self, txn, ino: int) -> Attr:
-        key = txn.get(_U64.pack(ino), db=self._inodes)
+        key = txn.get(U64.pack(ino), db=self._inodes)
         if key is None:
             raise NotFound(f"no inode {ino}")
-        return _attr(_unpack(txn.get(key, db=self._entries)))
+        return record_attr(unpack(txn.get(key, db=self._entries)))
 
     def getattr(self, dataset: str, ino: int) -> Attr:
         ds_id = self.dataset(dataset)["id"]
         with self.env.begin() as txn:
-            key = txn.get(_U64.pack(ino), db=self._inodes)
-            if key is None or _U32.unpack(key[:4])[0] != ds_id:
+            key = txn.get(U64.pack(ino), db=self._inodes)
+            if key is None or U32.unpack(key[:4])[0] != ds_id:
                 raise NotFound(f"no inode {ino} in dataset {dataset!r}")
-            return _attr(_unpack(txn.get(key, db=self._entries)))
+            return record_attr(unpack(txn.get(key, db=self._entries)))
 
     def path_of(self, dataset: str, ino: int) -> str:
         """The path of an inode relative to the dataset root (walks up the parents)."""
@@ -287,11 +249,11 @@ class MetadataStore:
         names = []
         with self.env.begin() as txn:
             while True:
-                key = txn.get(_U64.pack(ino), db=self._inodes)
-                if key is None or _U32.unpack(key[:4])[0] != ds_id:
+                key = txn.get(U64.pack(ino), db=self._inodes)
+                if key is None or U32.unpack(key[:4])[0] != ds_id:
                     raise NotFound(f"no inode {ino} in dataset {dataset!r}")
-                ino = _U64.unpack(key[4:12])[0]
-                if ino == _ROOT_PARENT:
+                ino = U64.unpack(key[4:12])[0]
+                if ino == ROOT_PARENT:
                     return "/".join(reversed(names))
                 names.append(key[12:].decode())
 
@@ -304,7 +266,7 @@ class MetadataStore:
             attr = self._attr_of(txn, ino)
             if not attr.is_dir:
                 raise NotADirectory(f"inode {ino} is not a directory")
-            prefix = _U32.pack(ds_id) + _U64.pack(ino)
+            prefix = U32.pack(ds_id) + U64.pack(ino)
             start = prefix + after.encode() + b"\0" if after is not None else prefix
             out: list[tuple[str, Attr]] = []
             cursor = txn.cursor(self._entries)
@@ -315,7 +277,7 @@ class MetadataStore:
                     return out, False
                 if len(out) == limit:
                     return out, True
-                out.append((key[len(prefix) :].decode(), _attr(_unpack(raw))))
+                out.append((key[len(prefix) :].decode(), record_attr(unpack(raw))))
             return out, False
 
     def iter_files(
@@ -351,17 +313,17 @@ class MetadataStore:
         oldest = info.get("changes_from", 1)
         out: list = []
         complete = generation + 1 >= oldest
-        prefix = _U32.pack(info["id"])
+        prefix = U32.pack(info["id"])
         with self.env.begin() as txn:
             cursor = txn.cursor(self._changes)
-            if complete and cursor.set_range(prefix + _U64.pack(generation + 1)):
+            if complete and cursor.set_range(prefix + U64.pack(generation + 1)):
                 for key, raw in cursor:
                     if not key.startswith(prefix):
                         break
                     if len(out) == limit:
                         complete = False
                         break
-                    out.append(_unpack(raw))
+                    out.append(unpack(raw))
         return {"generation": current, "changes": out if complete else [], "complete": complete}
 
     # ---- load jobs ------------------------------------------------------------------------
@@ -371,186 +333,21 @@ class MetadataStore:
         with self.env.begin(write=True) as txn:
             if "id" not in job:
                 job["id"] = self._next(txn, b"next_job", 1)
-            txn.put(_U64.pack(job["id"]), _pack(job), db=self._jobs)
+            txn.put(U64.pack(job["id"]), pack(job), db=self._jobs)
         return job
 
     def job(self, job_id: int) -> dict:
         with self.env.begin() as txn:
-            raw = txn.get(_U64.pack(job_id), db=self._jobs)
+            raw = txn.get(U64.pack(job_id), db=self._jobs)
         if raw is None:
             raise NotFound(f"no job {job_id}")
-        return _unpack(raw)
+        return unpack(raw)
 
     def jobs(self) -> list[dict]:
         with self.env.begin() as txn:
-            return [_unpack(raw) for _, raw in txn.cursor(self._jobs)]
+            return [unpack(raw) for _, raw in txn.cursor(self._jobs)]
 
     # ---- sync -----------------------------------------------------------------------------
 
     def begin_sync(self, dataset: str) -> Sync:
         return Sync(self, self.dataset(dataset))
-
-
-@dataclass
-class Sync:
-    """One incremental sync of a dataset: feed it the remote listing in batches, then finish.
-
-    Mark and sweep: every entry seen is written with this sync's generation; `finish` deletes
-    what still carries an older one. An unchanged entry keeps its inode; a changed size, mtime,
-    etag, mode or owner makes a new version with a new inode (like a replace by rename); a
-    directory whose mode or owner changed keeps its inode (its children hang off it) and is
-    logged as changed. Re-syncs log what they added, changed and removed, so mounts can
-    invalidate exactly that.
-    """
-
-    store: MetadataStore
-    info: dict
-    report: SyncReport = field(default_factory=SyncReport)
-    _dirs: dict[str, int] = field(default_factory=dict)  # path -> ino, for this sync only
-    _started: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self):
-        self.generation = self.info["generation"] + 1
-        self.ds_id = self.info["id"]
-        self._seq = 0
-        self._dirs[""] = self.info["root"]
-
-    def apply(self, entries: list[RemoteEntry]) -> None:
-        store = self.store
-        with store.env.begin(write=True) as txn:
-            for entry in entries:
-                parent_path, _, name = entry.path.rpartition("/")
-                parent = self._ensure_dir(txn, parent_path)
-                if entry.is_dir:
-                    self._dirs[entry.path] = self._upsert(txn, parent, name, KIND_DIR, 0, entry)
-                else:
-                    self._upsert(txn, parent, name, KIND_FILE, entry.size, entry)
-
-    def _ensure_dir(self, txn, path: str) -> int:
-        ino = self._dirs.get(path)
-        if ino is None:
-            parent_path, _, name = path.rpartition("/")
-            parent = self._ensure_dir(txn, parent_path)
-            ino = self._upsert(txn, parent, name, KIND_DIR, 0, None)
-            self._dirs[path] = ino
-        return ino
-
-    def _upsert(self, txn, parent: int, name: str, kind: int, size: int, entry) -> int:
-        store = self.store
-        key = _entry_key(self.ds_id, parent, name)
-        raw = txn.get(key, db=store._entries)
-        old = _unpack(raw) if raw else None
-        mtime = entry.mtime_ns if entry else (old[3] if old else 0)
-        etag = entry.etag if entry else None
-        # An implicit directory (no entry) keeps what a listing told before.
-        owner = (entry.mode, entry.uid, entry.gid) if entry else _owner(old or [])
-        is_file = kind == KIND_FILE
-        if old is not None and old[1] == kind:
-            ino, version = old[0], old[4]
-            same = (old[2], old[3], old[5], *_owner(old)) == (size, mtime, etag, *owner)
-            if old[6] == self.generation:  # already seen in this sync (implicit dir, then listed)
-                if entry is None or same:
-                    return ino
-            elif not is_file and _owner(old) != owner:
-                # Permissions are part of what clients cached: make them look the entry up again.
-                self._log_change(txn, parent, name, ino)
-            elif not same and is_file:
-                # A new version is a new inode, as if the file had been replaced by rename:
-                # the kernel's page cache of the old inode stays with handles opened before;
-                # a mode or owner change too, so no client keeps enforcing the old bits.
-                self._log_change(txn, parent, name, ino)
-                txn.delete(_U64.pack(ino), db=store._inodes)
-                ino, version = store._next(txn, b"next_ino", _FIRST_INO), version + 1
-                txn.put(_U64.pack(ino), key, db=store._inodes)
-                self.report.changed += 1
-        else:
-            if old is not None:  # kind changed: the old entry's subtree is swept by finish()
-                txn.delete(_U64.pack(old[0]), db=store._inodes)
-                self._count_removed(old)
-            ino, version = store._next(txn, b"next_ino", _FIRST_INO), 1
-            txn.put(_U64.pack(ino), key, db=store._inodes)
-            self._log_change(txn, parent, name, ino)
-            if is_file:
-                self.report.added += 1
-            else:
-                self.report.dirs_added += 1
-        if old is None or old[6] != self.generation:
-            if is_file:
-                self.report.files += 1
-                self.report.bytes += size
-            else:
-                self.report.dirs += 1
-        record = [ino, kind, size, mtime, version, etag, self.generation]
-        if owner != (None, None, None):
-            record += owner
-        txn.put(key, _pack(record), db=store._entries)
-        return ino
-
-    def _log_change(self, txn, parent: int, name: str, ino: int) -> None:
-        if self.generation == 1:  # the first sync: nothing can have been cached before it
-            return
-        self._seq += 1
-        key = _U32.pack(self.ds_id) + _U64.pack(self.generation) + _U32.pack(self._seq)
-        txn.put(key, _pack([parent, name, ino]), db=self.store._changes)
-
-    def _count_removed(self, record: list) -> None:
-        if record[1] == KIND_FILE:
-            self.report.removed += 1
-        else:
-            self.report.dirs_removed += 1
-
-    def finish(self) -> SyncReport:
-        """Sweeps entries this sync did not see and records the new generation and counters."""
-        store = self.store
-        prefix = _U32.pack(self.ds_id)
-        root_key = _entry_key(self.ds_id, _ROOT_PARENT, "")
-        position = prefix
-        while position is not None:
-            with store.env.begin(write=True) as txn:
-                cursor = txn.cursor(store._entries)
-                position = self._sweep_some(txn, cursor, position, prefix, root_key)
-        self._prune_changes()
-        info = dict(self.info)
-        info.update(
-            generation=self.generation,
-            changes_from=max(1, self.generation - CHANGE_LOG_GENERATIONS + 1),
-            files=self.report.files,
-            dirs=self.report.dirs,
-            bytes=self.report.bytes,
-        )
-        self.report.seconds = round(time.monotonic() - self._started, 3)
-        info["last_sync"] = {"at": time.time(), **self.report.as_dict()}
-        store._save_dataset(info)
-        return self.report
-
-    def _prune_changes(self) -> None:
-        """Keeps the change log of the last CHANGE_LOG_GENERATIONS syncs."""
-        prefix = _U32.pack(self.ds_id)
-        end = prefix + _U64.pack(max(0, self.generation - CHANGE_LOG_GENERATIONS + 1))
-        with self.store.env.begin(write=True) as txn:
-            cursor = txn.cursor(self.store._changes)
-            if cursor.set_range(prefix):
-                while cursor.key() and cursor.key() < end:
-                    cursor.delete()
-
-    def _sweep_some(self, txn, cursor, position: bytes, prefix: bytes, root_key: bytes):
-        """Deletes stale entries from `position` on; returns where to resume, None when done."""
-        if not cursor.set_range(position):
-            return None
-        visited = 0
-        while True:
-            key = cursor.key()
-            if not key.startswith(prefix):
-                return None
-            if visited == _WRITE_BATCH:
-                return key
-            visited += 1
-            record = _unpack(cursor.value())
-            if record[6] != self.generation and key != root_key:
-                txn.delete(_U64.pack(record[0]), db=self.store._inodes)
-                self._count_removed(record)
-                self._log_change(txn, _U64.unpack(key[4:12])[0], key[12:].decode(), record[0])
-                if not cursor.delete():
-                    return None
-            elif not cursor.next():
-                return None

@@ -47,7 +47,7 @@ from cachefs.fuse import vfs as vfs_module
 from cachefs.fuse.metacache import MetaCache
 from cachefs.fuse.reader import BLOCK_SIZE, DataReader
 from cachefs.fuse.vfs import Vfs
-from cachefs.master import namespace
+from cachefs.master import sync as master_sync
 from cachefs.master.service import run_master
 from cachefs.meta import KIND_DIR, KIND_FILE, Attr
 from cachefs.rpc import RpcClient
@@ -748,7 +748,7 @@ async def run_example(initial: list[Put], ops: list, tmp: Path) -> None:
     """Writes `initial`, starts master + worker + client, syncs, then runs and checks `ops`."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(vfs_module, "READDIR_PAGE", READDIR_PAGE)
-        patch.setattr(namespace, "CHANGE_LOG_GENERATIONS", CHANGE_LOG_GENERATIONS)
+        patch.setattr(master_sync, "CHANGE_LOG_GENERATIONS", CHANGE_LOG_GENERATIONS)
         await _run_example(initial, ops, tmp)
 
 
