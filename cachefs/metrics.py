@@ -50,6 +50,8 @@ STORE_EVENTS = (
     ("promotions", "cachefs_promotions", "DISK hits moved back to MEM"),
     ("corrupt", "cachefs_corrupt_entries",
      "Cached entries whose checksum failed on read (dropped; the read refetches)"),
+    ("not_stored", "cachefs_not_stored",
+     "Fills served but not cached (a quota refused them, or only pinned entries could go)"),
 )  # fmt: skip
 
 

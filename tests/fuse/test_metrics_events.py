@@ -185,3 +185,28 @@ def test_mount_exports_read_fallbacks_and_master_counts_late_workers(mounts, tmp
         for worker in workers:
             worker.stop()
         master.stop()
+
+
+def test_fills_the_cache_could_not_keep_are_counted(tmp_path):
+    """A fill served but not cached counts as not stored: here a pinned dataset at its quota
+    (its own entries may not make room)."""
+    master = master_process(tmp_path)
+    master.start()
+    worker_port = free_port()
+    worker = worker_process(tmp_path, master.address, "w1", "64M",
+                            "--metrics", f"127.0.0.1:{worker_port}")  # fmt: skip
+    try:
+        worker.start()
+        make_dataset(tmp_path / "source", 20, SIZE, seed=5)  # 4 MB
+        cli(master, "dataset", "add", "q", (tmp_path / "source").as_uri())
+        assert scrape(worker_port)["cachefs_not_stored_total"] == 0
+        cli(master, "dataset", "pin", "q")
+        cli(master, "dataset", "set", "q", "--quota", "1M")
+        cli(master, "load", "q", ok=(3,))  # fetched, not all kept: the quota
+        w = scrape(worker_port)
+        stats = json.loads(cli(master, "status", "--json").stdout)["workers"][0]["stats"]
+        assert w["cachefs_not_stored_total"] >= 15  # at most 5 of 20 fit in 1 MiB
+        assert w["cachefs_not_stored_total"] == stats["not_stored"]
+    finally:
+        worker.stop()
+        master.stop()
