@@ -41,7 +41,7 @@ from cachefs import errors
 from cachefs.config import parse_address
 from cachefs.credentials import client_secret
 from cachefs.fuse.reader import DataReader
-from cachefs.meta import BLOCK_SIZE, Attr
+from cachefs.meta import MAX_READ, Attr
 from cachefs.rpc import RpcClient
 from cachefs.tls import TlsConfig
 from cachefs.ufs import RemoteStore
@@ -350,20 +350,12 @@ class Client:
 
 
 async def _read(reader: DataReader, rel: str, attr: Attr, offset: int, end: int) -> bytes:
-    """[offset, end) through the reader, block by block for large files (all at once)."""
-    if end - offset <= BLOCK_SIZE and offset // BLOCK_SIZE == (end - 1) // BLOCK_SIZE:
-        return await reader.read(rel, attr, offset, end - offset)
-    starts = range(offset - offset % BLOCK_SIZE, end, BLOCK_SIZE)
-    parts: dict[int, bytes] = {}
-
-    async def block(start: int) -> None:
-        lo, hi = max(start, offset), min(start + BLOCK_SIZE, end)
-        parts[start] = await reader.read(rel, attr, lo, hi - lo)
-
-    async with trio.open_nursery() as nursery:
-        for start in starts:
-            nursery.start_soon(block, start)
-    return b"".join(parts[s] for s in starts)
+    """[offset, end) through the reader, in pieces one read call may carry (the worker fetches
+    a piece's blocks at once, and a short-circuit read takes whole cached blocks)."""
+    return b"".join(
+        [await reader.read(rel, attr, lo, min(end, lo + MAX_READ) - lo)
+         for lo in range(offset, end, MAX_READ)]
+    )  # fmt: skip
 
 
 _now = time.monotonic

@@ -15,6 +15,7 @@ KIND_FILE = 0
 KIND_DIR = 1
 #: Files up to this size are cached whole under their cache key; larger ones as blocks of it.
 BLOCK_SIZE = 4 << 20
+MAX_READ = 64 << 20  # one read RPC returns at most this much (a worker's `read` refuses more)
 _BLOCK_INDEX = struct.Struct(">I")
 
 

@@ -20,7 +20,7 @@ import trio
 from cachefs import metrics
 from cachefs.config import format_address
 from cachefs.errors import CacheFsError, InvalidArgument, NotFound, Unavailable
-from cachefs.meta import BLOCK_SIZE, block_key, cache_key
+from cachefs.meta import BLOCK_SIZE, MAX_READ, block_key, cache_key
 from cachefs.rpc import Reply, RpcClient, RpcServer
 from cachefs.shortcircuit import TOUCHED_MAX  # the client's cap is the call's
 from cachefs.tls import TlsConfig
@@ -30,7 +30,6 @@ from cachefs.worker.store import BlockStore
 log = logging.getLogger("cachefs.worker")
 
 FILL_PARALLELISM = 32  # remote reads a worker runs at once (benchmarks/results.md, cold path)
-MAX_READ = 64 << 20  # one read RPC returns at most this much
 PREFETCH_MAX = 10_000
 TOUCHED_DATASETS_MAX = 64
 DATASET_TTL = 10.0  # seconds a worker trusts its copy of a dataset's URI
