@@ -43,7 +43,7 @@ from benchmarks.harness import (  # noqa: E402
     stop,
     upload,
 )
-from benchmarks.results import replace_section  # noqa: E402
+from benchmarks.results import median_range, replace_section  # noqa: E402
 from tests.conftest import _free_port  # noqa: E402
 from tests.procs import master_process, run_cli, worker_process  # noqa: E402
 from tests.store_proxy import StoreProxy  # noqa: E402
@@ -373,7 +373,7 @@ class Bench:
             if system.startswith("`cachefs load`"):
                 ratios = [r["vs_store"] for r in rows]
             lines.append(
-                f"| {system} | {span(rates, '{:,.0f}')} | {span(ratios, '{:.2f}')}"
+                f"| {system} | {median_range(rates, ',.0f')} | {median_range(ratios, '.2f')}"
                 f"{' (× the store best)' if system.startswith('`cachefs') else ''} | "
                 f"{statistics.median(r['requests'] for r in rows):.2f} "
                 f"({statistics.median(r['gets'] for r in rows):.2f}, "
@@ -423,11 +423,6 @@ class Bench:
                             "**Metadata sync**", "\n".join(sync),
                             f"**Faulty store** ({self.args.fault_files:,} files, one pass each)",
                             "\n".join(faults)])  # fmt: skip
-
-
-def span(values: list[float], fmt: str) -> str:
-    return (f"{fmt.format(statistics.median(values))} "
-            f"[{fmt.format(min(values))}–{fmt.format(max(values))}]")  # fmt: skip
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ from benchmarks.harness import (  # noqa: E402
     stop,
     upload,
 )
-from benchmarks.results import replace_section, rerun_command  # noqa: E402
+from benchmarks.results import median_range, replace_section, rerun_command  # noqa: E402
 from tests.procs import master_process, run_cli, worker_process  # noqa: E402
 from tests.store_proxy import StoreProxy  # noqa: E402
 
@@ -56,9 +56,8 @@ def api_epoch(master: str, name: str, manifest: Path, args, seed: int, **extra) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def span(values: list[float], fmt: str = ".2f") -> str:
-    return (f"{format(statistics.median(values), fmt)} "
-            f"[{format(min(values), fmt)}-{format(max(values), fmt)}]")  # fmt: skip
+def span(values: list[float]) -> str:
+    return median_range(values, ".2f")
 
 
 def run(args, work: Path) -> str:

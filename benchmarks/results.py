@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,3 +31,12 @@ def rerun_command(script: str) -> str:
     if "--results" in argv:
         del argv[argv.index("--results") : argv.index("--results") + 2]
     return shlex.join(["python", script, *argv])
+
+
+def median_range(values: list[float], fmt: str) -> str:
+    """"median [min–max]" of repeated passes, each formatted with the spec `fmt` (e.g. ".2f");
+    just the value when there was one pass."""
+    med = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return med
+    return f"{med} [{format(min(values), fmt)}–{format(max(values), fmt)}]"

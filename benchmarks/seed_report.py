@@ -6,16 +6,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.results import rerun_command
+from benchmarks.results import median_range, rerun_command
 
 CHART = Path(__file__).resolve().parent / "seed-scenario.png"
-
-
-def _span(values: list[float], fmt: str) -> str:
-    med = statistics.median(values)
-    if len(values) == 1:
-        return format(med, fmt)
-    return f"{format(med, fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
 
 
 def render(s, shape, desc: dict, machine: str) -> str:
@@ -47,11 +40,12 @@ def render(s, shape, desc: dict, machine: str) -> str:
         speedups[hosts] = ratios
         load = s.loads[hosts]
         lines.append(
-            f"| {hosts} | {_span([d['seconds'] for d in direct], '.1f')} "
-            f"| {_span([d['utilization'] * 100 for d in direct], '.0f')}% "
-            f"| {_span([c['seconds'] for c in cached], '.1f')} "
-            f"| {_span([c['utilization'] * 100 for c in cached], '.0f')}% "
-            f"| **{_span(ratios, '.1f')}x** | {load['seconds']:.0f} ({load['files_s']:,.0f}) |"
+            f"| {hosts} | {median_range([d['seconds'] for d in direct], '.1f')} "
+            f"| {median_range([d['utilization'] * 100 for d in direct], '.0f')}% "
+            f"| {median_range([c['seconds'] for c in cached], '.1f')} "
+            f"| {median_range([c['utilization'] * 100 for c in cached], '.0f')}% "
+            f"| **{median_range(ratios, '.1f')}x** "
+            f"| {load['seconds']:.0f} ({load['files_s']:,.0f}) |"
         )
     errors = sum(e["errors"] for runs in s.epochs.values() for e in runs)
     lines += ["", f"Reader errors in these epochs: {errors}; every byte checked (xxh3).", ""]
