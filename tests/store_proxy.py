@@ -100,7 +100,20 @@ def _message(start: bytes, lines: list, length: int | None, body: bytes = b"") -
     return b"\r\n".join([start, *kept, b"", body])
 
 
-class _Core:
+class _Server:
+    """What both proxies share: their connection tasks, and closing them all with the server."""
+
+    server: asyncio.Server
+    tasks: set[asyncio.Task]
+
+    async def close(self) -> None:
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+class _Core(_Server):
     """The proxy's state and server; touched only from its event loop's thread."""
 
     def __init__(self, upstream: str, faults: dict, seed: int):
@@ -113,12 +126,6 @@ class _Core:
 
     async def start(self, sock: socket.socket) -> None:
         self.server = await asyncio.start_server(self._serve, sock=sock, limit=LIMIT, backlog=1024)
-
-    async def close(self) -> None:
-        self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
     async def command(self, cmd: dict) -> dict:
         op = cmd["op"]
@@ -231,7 +238,7 @@ class _Core:
         return up, (status, lines, body, length)
 
 
-class _TcpCore:
+class _TcpCore(_Server):
     """A byte relay with one-way latency and a shared bandwidth; touched only from its loop."""
 
     def __init__(self, upstream: str, faults: dict, seed: int):
@@ -243,8 +250,6 @@ class _TcpCore:
 
     async def start(self, sock: socket.socket) -> None:
         self.server = await asyncio.start_server(self._serve, sock=sock, backlog=1024)
-
-    close = _Core.close
 
     async def command(self, cmd: dict) -> dict:
         if cmd["op"] == "set":
